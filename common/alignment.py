@@ -1,0 +1,162 @@
+"""Patch covariance, weight covariance, misalignment and the eigenvalue mapping f (SPEC §4.1-4.6).
+
+One flattening order everywhere: ``(C, kh, kw)``, the order of ``conv.weight.reshape(m, -1)`` and
+of ``F.unfold``. All linear algebra is float64 and uses ``eigh`` (never ``eig``).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def extract_patches(images: torch.Tensor, k: int) -> torch.Tensor:
+    """All valid stride-1 ``k x k`` patches.
+
+    ``images (N, C, H, W)`` -> ``(N * (H-k+1) * (W-k+1), C*k*k)`` in the input dtype, rows ordered
+    by image, then patch row, then patch column; columns in ``(C, kh, kw)`` order.
+    """
+    n, c, h, w = images.shape
+    cols = F.unfold(images, k)  # (N, C*k*k, L)
+    return cols.transpose(1, 2).reshape(-1, c * k * k)
+
+
+@torch.no_grad()
+def patch_covariance(images: torch.Tensor, k: int, centered: bool = True,
+                     chunk: int = 1000, device=None) -> torch.Tensor:
+    """Covariance of all valid stride-1 ``k x k`` patches (SPEC §4.2).
+
+    ``images (N, C, H, W)`` (any float or uint8 dtype; pass the *preprocessed* images) ->
+    ``(d, d) float64`` on the CPU, ``d = C*k*k``. Streams ``chunk`` images at a time, summing
+    ``sum p`` and ``sum p p^T`` in float64, so 50k images fit in memory. ``centered=False`` gives
+    the second moment ``E[p p^T]``. ``device`` (default: the images' device) runs the sums there.
+    """
+    device = images.device if device is None else torch.device(device)
+    c = images.shape[1]
+    d = c * k * k
+    s1 = torch.zeros(d, dtype=torch.float64, device=device)
+    s2 = torch.zeros(d, d, dtype=torch.float64, device=device)
+    count = 0
+    for start in range(0, images.shape[0], chunk):
+        p = extract_patches(images[start:start + chunk].to(device, torch.float64), k)
+        s1 += p.sum(0)
+        s2 += p.T @ p
+        count += p.shape[0]
+    mean = s1 / count
+    cov = s2 / count
+    if centered:
+        cov = cov - torch.outer(mean, mean)
+    cov = 0.5 * (cov + cov.T)
+    return cov.cpu()
+
+
+def eigh_desc(S) -> tuple:
+    """Eigen-decomposition of a symmetric ``(d, d)`` matrix, largest eigenvalue first.
+
+    Returns ``(eigenvalues (d,) float64, eigenvectors (d, d) float64)``, eigenvectors as columns.
+    """
+    S = torch.as_tensor(S, dtype=torch.float64)
+    vals, vecs = torch.linalg.eigh(0.5 * (S + S.T))
+    return vals.flip(0), vecs.flip(1)
+
+
+def filter_matrix(layer: nn.Module) -> torch.Tensor:
+    """The layer's filters as rows: ``(m, d) float64`` (Conv2d: ``d = C_in*kh*kw`` in
+    ``(C, kh, kw)`` order; Linear: ``d = in_features``)."""
+    w = layer.weight.detach()
+    return w.reshape(w.shape[0], -1).to(torch.float64).cpu()
+
+
+def weight_covariance(W: torch.Tensor, centered: bool = True) -> torch.Tensor:
+    """Covariance of the rows of ``W (m, d)``: ``(d, d) float64``. Centred uses ``1/(m-1)``
+    (as ``np.cov``, SPEC §4.3 estimator C); uncentred is :func:`second_moment`."""
+    W = torch.as_tensor(W, dtype=torch.float64)
+    if not centered:
+        return second_moment(W)
+    Wc = W - W.mean(0, keepdim=True)
+    return Wc.T @ Wc / (W.shape[0] - 1)
+
+
+def second_moment(W: torch.Tensor) -> torch.Tensor:
+    """``W^T W / m`` for ``W (m, d)``: ``(d, d) float64`` (SPEC §4.3 estimator S)."""
+    W = torch.as_tensor(W, dtype=torch.float64)
+    return W.T @ W / W.shape[0]
+
+
+def misalignment(sigma_w, basis, ridge: Optional[float] = None, max_cond: float = 1e12) -> float:
+    """Misalignment of ``sigma_w (d, d)`` with the orthonormal columns of ``basis (d, d)``
+    (SPEC §4.5, the paper's Appendix A.6):
+
+        M = sum_i [ sqrt((b_i^T S b_i) (b_i^T S^{-1} b_i)) - 1 ]
+
+    Zero exactly when ``sigma_w`` is diagonal in ``basis``; invariant to ``sigma_w -> c sigma_w``.
+    A singular or ill-conditioned ``sigma_w`` (condition number above ``max_cond``) raises
+    ``ValueError`` unless ``ridge`` is given, in which case ``sigma_w + ridge * tr(sigma_w)/d * I``
+    is used. Returns a Python float.
+    """
+    S = torch.as_tensor(sigma_w, dtype=torch.float64)
+    B = torch.as_tensor(basis, dtype=torch.float64)
+    S = 0.5 * (S + S.T)
+    d = S.shape[0]
+    if ridge is not None:
+        S = S + ridge * torch.trace(S) / d * torch.eye(d, dtype=torch.float64)
+    vals, vecs = torch.linalg.eigh(S)
+    if vals[0] <= 0 or vals[-1] / vals[0] > max_cond:
+        raise ValueError(
+            f"misalignment: sigma_w is singular or ill-conditioned (eigenvalues in "
+            f"[{vals[0].item():.3g}, {vals[-1].item():.3g}]); estimate it from at least d = {d} "
+            f"filters (pool runs) or pass ridge=1e-3")
+    proj = vecs.T @ B  # (d, d): coordinates of each b_i in S's eigenbasis
+    q = (vals[:, None] * proj ** 2).sum(0)
+    q_inv = (proj ** 2 / vals[:, None]).sum(0)
+    return float((torch.sqrt(q * q_inv) - 1.0).clamp_min(0).sum())
+
+
+def transfer_function(sigma_w, data_evecs) -> torch.Tensor:
+    """Eigenvalue mapping f (Definition 3, SPEC §4.6): ``f_i = sqrt(v_i^T sigma_w v_i)`` for the
+    columns ``v_i`` of ``data_evecs (d, d)``. Returns ``(d,) float64``, the std of the filters
+    along each data direction."""
+    S = torch.as_tensor(sigma_w, dtype=torch.float64)
+    V = torch.as_tensor(data_evecs, dtype=torch.float64)
+    return torch.sqrt(((V.T @ S) * V.T).sum(1).clamp_min(0))
+
+
+def random_orthonormal_basis(d: int, seed: int) -> torch.Tensor:
+    """A Haar-distributed orthogonal ``(d, d) float64`` matrix: QR of a Gaussian matrix with the
+    signs of R's diagonal moved into Q (Mezzadri 2007)."""
+    g = torch.Generator().manual_seed(seed)
+    Z = torch.randn(d, d, generator=g, dtype=torch.float64)
+    Q, R = torch.linalg.qr(Z)
+    return Q * torch.sign(torch.diagonal(R))[None, :]
+
+
+def misalignment_floor(m: int, d: int, n_draws: int = 200, centered: bool = True,
+                       seed: int = 0) -> float:
+    """Expected misalignment of the covariance of ``m`` isotropic Gaussian filters in ``d``
+    dimensions against a fixed basis (Monte-Carlo over ``n_draws``): the finite-sample floor of
+    SPEC §4.5 (about 1.50 for m = 256, d = 27). By rotation invariance the basis is the identity."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(n_draws, m, d, generator=g, dtype=torch.float64)
+    if centered:
+        W = W - W.mean(1, keepdim=True)
+    S = W.transpose(1, 2) @ W / (m - 1 if centered else m)
+    diag = torch.diagonal(S, dim1=1, dim2=2)
+    diag_inv = torch.diagonal(torch.linalg.inv(S), dim1=1, dim2=2)
+    return float((torch.sqrt(diag * diag_inv) - 1).sum(1).mean())
+
+
+def theoretical_floor(m: int, d: int) -> float:
+    """Large-m approximation of the floor, ``d (sqrt(m/(m-d-1)) - 1)`` (SPEC §4.5)."""
+    return d * (math.sqrt(m / (m - d - 1)) - 1)
+
+
+def aligned_part(sigma_w, data_evecs) -> torch.Tensor:
+    """``sum_i f_i^2 v_i v_i^T``: the part of ``sigma_w (d, d)`` that is diagonal in the data
+    eigenbasis ``(d, d)`` (SPEC §4.7 step 6, "aligned-only"). ``(d, d) float64``."""
+    V = torch.as_tensor(data_evecs, dtype=torch.float64)
+    f = transfer_function(sigma_w, V)
+    return (V * f ** 2) @ V.T

@@ -1,0 +1,181 @@
+"""The one training loop every notebook uses: SGD with momentum, a step budget, schedules,
+periodic evaluation and callbacks, checkpoint/resume (SPEC §2.7, ambiguity A10).
+
+On CUDA: bf16 autocast, channels_last, ``cudnn.benchmark``. On the CPU: fp32. The history is
+plain data (lists of floats) that serialises to JSON::
+
+    {"train": {"step": [...], "loss": [...], "acc": [...]},      # running means between logs
+     "eval":  {"step": [...], "<set>_loss": [...], "<set>_acc": [...]},
+     "callbacks": {"step": [...], "<key>": [...]},               # whatever callbacks return
+     "steps": total_steps, "wall_s": seconds}
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+from typing import Callable, Dict, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import DeviceLoader
+
+
+def device(prefer: Optional[str] = None) -> torch.device:
+    """``cuda`` when available (or ``prefer`` when given), else ``cpu``."""
+    if prefer is not None:
+        return torch.device(prefer)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def lr_at(step: int, total: int, lr: float, schedule: str = "constant",
+          milestones: Sequence[float] = (1 / 3, 2 / 3), gamma: float = 1 / 3) -> float:
+    """Learning rate at ``step`` of ``total``: ``"constant"``; ``"step"`` (multiply by ``gamma``
+    at each milestone, given as fractions of ``total``); ``"cosine"`` (to 0 at ``total``)."""
+    if schedule == "constant":
+        return lr
+    if schedule == "step":
+        return lr * gamma ** sum(step >= round(m * total) for m in milestones)
+    if schedule == "cosine":
+        return 0.5 * lr * (1 + math.cos(math.pi * step / total))
+    raise ValueError(f"unknown schedule {schedule!r} (constant, step, cosine)")
+
+
+def _autocast(dev: torch.device):
+    if dev.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 2000,
+             dev: Optional[torch.device] = None) -> Tuple[float, float]:
+    """Mean cross-entropy and accuracy of ``model`` on ``x (N, ...)``, ``y (N,)``, in eval mode,
+    in batches of ``batch_size`` (tensors may live on the CPU or the device)."""
+    dev = dev or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    loss_sum, correct = 0.0, 0
+    for s in range(0, len(y), batch_size):
+        xb = x[s:s + batch_size].to(dev, non_blocking=True)
+        yb = y[s:s + batch_size].to(dev, non_blocking=True)
+        if xb.dim() == 4 and dev.type == "cuda":
+            xb = xb.contiguous(memory_format=torch.channels_last)
+        with _autocast(dev):
+            out = model(xb)
+        loss_sum += F.cross_entropy(out.float(), yb, reduction="sum").item()
+        correct += (out.argmax(1) == yb).sum().item()
+    model.train(was_training)
+    return loss_sum / len(y), correct / len(y)
+
+
+def _append(table: dict, key: str, value) -> None:
+    table.setdefault(key, []).append(value)
+
+
+def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, steps: Optional[int] = None,
+          epochs: Optional[float] = None, lr: float = 0.01, momentum: float = 0.9,
+          weight_decay: float = 0.0, nesterov: bool = False, schedule: str = "constant",
+          milestones: Sequence[float] = (1 / 3, 2 / 3), gamma: float = 1 / 3,
+          batch_size: int = 256, data_seed: int = 0, augment: bool = False,
+          eval_sets: Optional[Dict[str, Tuple[torch.Tensor, torch.Tensor]]] = None,
+          eval_every: Optional[int] = None, eval_at: Sequence[int] = (),
+          callbacks: Sequence[Tuple[int, Callable]] = (), log_every: int = 50,
+          dev: Optional[torch.device] = None, checkpoint_path: Optional[os.PathLike] = None,
+          checkpoint_every: int = 1000, desc: str = "train") -> dict:
+    """Train ``model`` in place on ``x (N, ...) float32``, ``y (N,) int64`` with SGD and
+    cross-entropy; return the history (see the module docstring).
+
+    Budget: ``steps``, or ``epochs`` (``ceil(epochs * N / batch_size)`` steps). ``eval_sets``
+    maps names to full sets evaluated at step 0, every ``eval_every`` steps, at the steps in
+    ``eval_at`` and at the end. ``callbacks`` are ``(every, fn)`` pairs; ``fn(model, step)``
+    returns a dict of floats, recorded at step 0, every ``every`` steps and at the end.
+    ``data_seed`` fixes the batch order (the init is the caller's). With ``checkpoint_path``
+    the run saves its full state every ``checkpoint_every`` steps and resumes from it, ending
+    with the same result as an uninterrupted run on the CPU.
+    """
+    dev = dev or device()
+    if steps is None:
+        if epochs is None:
+            raise ValueError("give steps or epochs")
+        steps = math.ceil(epochs * len(y) / min(batch_size, len(y)))
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        model = model.to(dev, memory_format=torch.channels_last)
+    else:
+        model = model.to(dev)
+    model.train()
+    loader = DeviceLoader(x, y, batch_size, dev, data_seed, augment=augment)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum,
+                          weight_decay=weight_decay, nesterov=nesterov)
+    eval_sets = eval_sets or {}
+    eval_at = set(eval_at)
+    hist = {"train": {}, "eval": {}, "callbacks": {}}
+    step, run_loss, run_acc, run_n = 0, 0.0, 0.0, 0
+    ckpt = Path(checkpoint_path) if checkpoint_path else None
+    if ckpt is not None and ckpt.is_file():
+        state = torch.load(ckpt, map_location=dev, weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        loader.load_state_dict(state["loader"])
+        hist, step = state["hist"], state["step"]
+        run_loss, run_acc, run_n = state["running"]
+
+    def record(s: int) -> None:
+        if eval_sets and (s == 0 or s == steps or s in eval_at or (eval_every and s % eval_every == 0)):
+            _append(hist["eval"], "step", s)
+            for name, (xe, ye) in eval_sets.items():
+                loss, acc = evaluate(model, xe, ye, dev=dev)
+                _append(hist["eval"], f"{name}_loss", loss)
+                _append(hist["eval"], f"{name}_acc", acc)
+        for every, fn in callbacks:
+            if s == 0 or s == steps or s % every == 0:
+                stats = fn(model, s)
+                _append(hist["callbacks"], "step", s)
+                for key, val in stats.items():
+                    _append(hist["callbacks"], key, float(val))
+
+    from tqdm.auto import tqdm
+    bar = tqdm(total=steps, initial=step, desc=desc, disable=bool(os.environ.get("CI")),
+               leave=False, mininterval=1.0)
+    t0 = time.time()
+    if step == 0:
+        record(0)
+    while step < steps:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, steps, lr, schedule, milestones, gamma)
+        xb, yb = loader.next_batch()
+        with _autocast(dev):
+            out = model(xb)
+        loss = F.cross_entropy(out.float(), yb)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        # .item() syncs; only pay it when logging (accumulate on the device otherwise)
+        run_loss += loss.detach()
+        run_acc += (out.argmax(1) == yb).float().mean()
+        run_n += 1
+        if step % log_every == 0 or step == steps:
+            _append(hist["train"], "step", step)
+            _append(hist["train"], "loss", float(run_loss) / run_n)
+            _append(hist["train"], "acc", float(run_acc) / run_n)
+            bar.set_postfix(loss=f"{hist['train']['loss'][-1]:.3f}", acc=f"{hist['train']['acc'][-1]:.3f}")
+            run_loss, run_acc, run_n = 0.0, 0.0, 0
+        if step < steps:
+            record(step)
+        bar.update(1)
+        if ckpt is not None and step % checkpoint_every == 0 and step < steps:
+            tmp = ckpt.with_suffix(".tmp")
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict(),
+                        "loader": loader.state_dict(), "hist": hist, "step": step,
+                        "running": (float(run_loss), float(run_acc), run_n)}, tmp)
+            os.replace(tmp, ckpt)
+    record(steps)
+    bar.close()
+    hist["steps"] = steps
+    hist["wall_s"] = hist.get("wall_s", 0.0) + time.time() - t0
+    return hist

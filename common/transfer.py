@@ -1,0 +1,162 @@
+"""Moving first-layer statistics from an upstream network to a downstream one (SPEC §4.7-4.9).
+
+Bias policies (ambiguity A7; FINDINGS §4): ``"zero"`` sets transferred biases to 0, ``"keep"``
+carries them over as trained, ``"scale"`` multiplies them by the same factor as the weights.
+Default ``"zero"``: trained biases next to weights shrunk back to a tiny norm wreck the start.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+from torch import nn
+
+from .alignment import eigh_desc, extract_patches, filter_matrix, patch_covariance, second_moment
+
+BIAS_POLICIES = ("zero", "keep", "scale")
+
+
+def _check_bias(bias: str) -> None:
+    if bias not in BIAS_POLICIES:
+        raise ValueError(f"bias policy must be one of {BIAS_POLICIES}, got {bias!r}")
+
+
+def weight_layers(model: nn.Module) -> list:
+    """Names of every Conv2d and Linear module, in order."""
+    return [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+
+
+@torch.no_grad()
+def rescale_to_reference(model: nn.Module, reference_state: dict, layers: Optional[Iterable[str]] = None,
+                         bias: str = "zero") -> dict:
+    """Scale each layer's weight tensor to the Frobenius norm it has in ``reference_state``
+    (normally the same run's ``state_dict()`` at initialisation; SPEC §4.8, per layer).
+
+    ``layers``: module names (default: every Conv2d/Linear). Biases follow ``bias``. Changes the
+    model in place and returns ``{layer: factor}``.
+    """
+    _check_bias(bias)
+    factors = {}
+    for name in (weight_layers(model) if layers is None else layers):
+        mod = model.get_submodule(name)
+        ref = reference_state[f"{name}.weight"].to(mod.weight.device, torch.float64)
+        factor = (ref.norm() / mod.weight.to(torch.float64).norm()).item()
+        mod.weight.mul_(factor)
+        if mod.bias is not None:
+            if bias == "zero":
+                mod.bias.zero_()
+            elif bias == "scale":
+                mod.bias.mul_(factor)
+        factors[name] = factor
+    return factors
+
+
+def gaussian_resample(W: torch.Tensor, m: int, generator: torch.Generator,
+                      centered: bool = False) -> torch.Tensor:
+    """``m`` new filters i.i.d. from the Gaussian fitted to the rows of ``W (m0, d)``.
+
+    ``centered=False``: N(0, S) with S = ``W^T W / m0`` (SPEC §4.7, mean 0, the paper's choice).
+    ``centered=True``: N(mean, C) with C the ``1/(m0-1)`` covariance (ablation A8). Sampling
+    goes through ``eigh`` with negative eigenvalues clipped to 0. Returns ``(m, d)`` in W's dtype.
+    """
+    W64 = torch.as_tensor(W).to(torch.float64).cpu()
+    if centered:
+        mean = W64.mean(0)
+        Wc = W64 - mean
+        S = Wc.T @ Wc / (W64.shape[0] - 1)
+    else:
+        mean = torch.zeros(W64.shape[1], dtype=torch.float64)
+        S = second_moment(W64)
+    return sample_gaussian(S, m, generator, mean).to(W.dtype)
+
+
+def sample_gaussian(cov, m: int, generator: torch.Generator, mean=None) -> torch.Tensor:
+    """``m`` draws from N(mean, cov): ``(m, d) float64``. ``cov (d, d)`` symmetric PSD (negative
+    eigenvalues from round-off are clipped to 0)."""
+    vals, vecs = eigh_desc(cov)
+    root = vecs * vals.clamp_min(0).sqrt()[None, :]
+    z = torch.randn(m, root.shape[0], generator=generator, dtype=torch.float64)
+    out = z @ root.T
+    return out if mean is None else out + torch.as_tensor(mean, dtype=torch.float64)
+
+
+@torch.no_grad()
+def set_filters(layer: nn.Module, W: torch.Tensor, bias_zero: bool = True) -> None:
+    """Write ``W (m, d)`` into a Conv2d/Linear weight (reshaped in ``(C, kh, kw)`` order)."""
+    layer.weight.copy_(torch.as_tensor(W).reshape(layer.weight.shape).to(layer.weight))
+    if bias_zero and layer.bias is not None:
+        layer.bias.zero_()
+
+
+@torch.no_grad()
+def transplant(source: nn.Module, target: nn.Module, layers: Iterable[str],
+               reference_state: Optional[dict] = None, bias: str = "zero") -> None:
+    """Copy the named layers' weights and biases from ``source`` into ``target`` (in place).
+
+    With ``reference_state`` (the source's state at initialisation) each copied weight is rescaled
+    to its reference norm (SPEC §4.8); without it the weights are copied as trained. Biases follow
+    ``bias`` ("scale" needs ``reference_state``).
+    """
+    _check_bias(bias)
+    if bias == "scale" and reference_state is None:
+        raise ValueError("bias='scale' needs reference_state")
+    layers = list(layers)
+    for name in layers:
+        src, dst = source.get_submodule(name), target.get_submodule(name)
+        dst.weight.copy_(src.weight)
+        if dst.bias is not None:
+            dst.bias.copy_(src.bias)
+            if bias == "zero" and reference_state is None:
+                dst.bias.zero_()
+    if reference_state is not None:
+        rescale_to_reference(target, reference_state, layers, bias)
+
+
+def _conv_indices(model: nn.Module) -> list:
+    feats = getattr(model, "features", None)
+    if not isinstance(feats, nn.Sequential):
+        raise TypeError("layerwise_covariance_transfer needs a model with a `features` "
+                        "nn.Sequential of conv layers (e.g. vgg16)")
+    return [i for i, m in enumerate(feats) if isinstance(m, nn.Conv2d)]
+
+
+@torch.no_grad()
+def _layer_input(model: nn.Module, idx: int, x: torch.Tensor, batch: int = 500) -> torch.Tensor:
+    return torch.cat([model.features[:idx](x[s:s + batch]) for s in range(0, len(x), batch)])
+
+
+@torch.no_grad()
+def layerwise_covariance_transfer(pretrained: nn.Module, fresh: nn.Module, probe_images: torch.Tensor,
+                                  n_layers: int, generator: torch.Generator,
+                                  rescale: bool = True) -> list:
+    """Our reading of the paper's Section 2.5 (SPEC §4.9): initialise the first ``n_layers`` conv
+    layers of ``fresh`` layer by layer from the eigenvalue mapping of ``pretrained``.
+
+    For layer l: take the inputs of layer l in ``pretrained`` on ``probe_images (N, 3, H, W)``,
+    decompose their patch covariance (eigenpairs ``lambda_i^P, v_i^P``, descending) and read off
+    ``tau_i = sqrt(v_i^P^T S_P v_i^P)`` (S_P the second moment of P's layer-l filters). Then take
+    the inputs of layer l in ``fresh`` (whose layers < l are already re-sampled), decompose their
+    patch covariance (``v_i^N``), and draw the layer-l filters i.i.d. from
+    ``N(0, sum_i tau_i^2 v_i^N v_i^N^T)``; bias 0; with ``rescale`` the sampled layer gets the
+    Frobenius norm ``fresh``'s layer had before. Both models must be ``features``-Sequential
+    conv stacks (vgg16). Changes ``fresh`` in place; returns per-layer ``{"tau", "lambda_P",
+    "lambda_N"}`` (float64 tensors).
+    """
+    idx_p, idx_n = _conv_indices(pretrained), _conv_indices(fresh)
+    info = []
+    for l in range(n_layers):
+        conv_p, conv_n = pretrained.features[idx_p[l]], fresh.features[idx_n[l]]
+        k = conv_p.kernel_size[0]
+        a_p = _layer_input(pretrained, idx_p[l], probe_images)
+        lam_p, v_p = eigh_desc(patch_covariance(a_p, k))
+        tau = torch.sqrt(((v_p.T @ second_moment(filter_matrix(conv_p))) * v_p.T).sum(1).clamp_min(0))
+        a_n = a_p if l == 0 else _layer_input(fresh, idx_n[l], probe_images)
+        lam_n, v_n = eigh_desc(patch_covariance(a_n, k))
+        target = (v_n * tau ** 2) @ v_n.T
+        old_norm = conv_n.weight.norm()
+        W = sample_gaussian(target, conv_n.out_channels, generator)
+        set_filters(conv_n, W)
+        if rescale:
+            conv_n.weight.mul_(old_norm / conv_n.weight.norm())
+        info.append({"tau": tau, "lambda_P": lam_p, "lambda_N": lam_n})
+    return info
