@@ -4,6 +4,8 @@ Every Conv2d and Linear weight is drawn He-normal scaled by ``init_scale``:
 ``std = init_scale * sqrt(2 / fan_in)``, ``fan_in = C_in * kh * kw`` (or ``in_features``); biases
 are 0 and BatchNorm starts at weight 1, bias 0. ``first_layer_std`` replaces the std of the first
 layer only (FINDINGS §2: the 2-layer CNN fits random labels only with a tiny first layer).
+``seed`` draws the init from its own generator, so it never shares randomness with the data
+order or the labels; ``seed=None`` uses torch's global generator.
 
 Every model names its first layer and its classification head through the class attributes
 ``FIRST`` and ``HEAD`` (module paths), used by :func:`first_layer`, :func:`classifier` and

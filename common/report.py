@@ -14,6 +14,7 @@ import torch
 from .data import REPO_ROOT
 
 PRESETS = ("smoke", "quick", "paper")
+_T0 = time.time()  # import time of the library: the start of a notebook's run
 
 
 def resolve_preset(preset: str) -> str:
@@ -69,11 +70,11 @@ def environment() -> dict:
 
 class Claims:
     """Collects the named checks of a figure: ``add(name, value, threshold, passed)``;
-    ``report(...)`` prints the table and writes ``<fig_dir>/<name>.<preset>.json``."""
+    ``report(...)`` prints the table and writes ``<fig_dir>/<name>.<preset>.json`` (with the wall
+    time since ``common`` was imported, i.e. of the notebook's run)."""
 
     def __init__(self):
         self.rows = []
-        self.t0 = time.time()
 
     def add(self, name: str, value, threshold: str, passed: Optional[bool], note: str = "") -> None:
         """``passed=None`` records a measured value with no pass/fail (reported, not judged)."""
@@ -103,6 +104,6 @@ class Claims:
                "passed": sum(r["status"] == "PASS" for r in self.rows),
                "failed": sum(r["status"] == "FAIL" for r in self.rows),
                "config": config, "environment": environment(),
-               "wall_s": round(time.time() - self.t0, 1), **(extra or {})}
+               "wall_s": round(time.time() - _T0, 1), **(extra or {})}
         path.write_text(json.dumps(doc, indent=1, default=str))
         return path

@@ -92,7 +92,8 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, steps: Optional
     Budget: ``steps``, or ``epochs`` (``ceil(epochs * N / batch_size)`` steps). ``eval_sets``
     maps names to full sets evaluated at step 0, every ``eval_every`` steps, at the steps in
     ``eval_at`` and at the end. ``callbacks`` are ``(every, fn)`` pairs; ``fn(model, step)``
-    returns a dict of floats, recorded at step 0, every ``every`` steps and at the end.
+    returns a dict of floats (or lists of floats), recorded at step 0, at the end, and every
+    ``every`` steps (an int) or at the listed steps (a list, tuple or set).
     ``data_seed`` fixes the batch order (the init is the caller's). With ``checkpoint_path``
     the run saves its full state every ``checkpoint_every`` steps and resumes from it, ending
     with the same result as an uninterrupted run on the CPU.
@@ -132,11 +133,13 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, steps: Optional
                 _append(hist["eval"], f"{name}_loss", loss)
                 _append(hist["eval"], f"{name}_acc", acc)
         for every, fn in callbacks:
-            if s == 0 or s == steps or s % every == 0:
+            due = (s in every) if isinstance(every, (set, list, tuple)) else (s % every == 0)
+            if s == 0 or s == steps or due:
                 stats = fn(model, s)
                 _append(hist["callbacks"], "step", s)
                 for key, val in stats.items():
-                    _append(hist["callbacks"], key, float(val))
+                    _append(hist["callbacks"], key, [float(v) for v in val]
+                            if isinstance(val, (list, tuple)) else float(val))
 
     from tqdm.auto import tqdm
     bar = tqdm(total=steps, initial=step, desc=desc, disable=bool(os.environ.get("CI")),

@@ -11,7 +11,7 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
-from .alignment import eigh_desc, extract_patches, filter_matrix, patch_covariance, second_moment
+from .alignment import eigh_desc, filter_matrix, patch_covariance, second_moment
 
 BIAS_POLICIES = ("zero", "keep", "scale")
 

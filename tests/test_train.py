@@ -59,6 +59,9 @@ def test_epoch_budget_and_callbacks(small):
     assert hist["steps"] == math.ceil(1.5 * 256 / 100)  # 4
     assert calls == [0, 2, 4] and hist["callbacks"]["step"] == [0, 2, 4]
     assert len(hist["callbacks"]["w_norm"]) == 3
+    listed = train(_model(), x, y, steps=7, batch_size=100, dev=torch.device("cpu"),
+                   callbacks=[([3, 5], lambda m, s: {"v": [s, 2 * s]})])
+    assert listed["callbacks"]["step"] == [0, 3, 5, 7] and listed["callbacks"]["v"][1] == [3.0, 6.0]
 
 
 def test_cpu_training_is_deterministic(small):
