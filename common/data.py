@@ -164,8 +164,9 @@ def fake_cifar10(n: int = 2000, seed: int = 0, n_test: Optional[int] = None) -> 
     return Cifar10(x[:n], y[:n], x[n:], y[n:], CLASSES, fake=True)
 
 
-def load_data(real: bool = True, fake_n: int = 2000, root=None) -> Cifar10:
-    """The real CIFAR-10 when it can be found (no download attempt), else :func:`fake_cifar10`.
+def load_data(real: bool = True, fake_n: int = 2000, root=None, allow_fake: bool = True) -> Cifar10:
+    """The real CIFAR-10 when it can be found (no download attempt), else :func:`fake_cifar10`
+    when ``allow_fake`` (the smoke presets), else the loader's FileNotFoundError.
 
     Prints which one it returned, so a smoke run on stand-in data says so in its output.
     """
@@ -175,6 +176,8 @@ def load_data(real: bool = True, fake_n: int = 2000, root=None) -> Cifar10:
             print(f"data: real CIFAR-10 from {cifar10_root(root) / FOLDER}")
             return data
         except FileNotFoundError as err:
+            if not allow_fake:
+                raise
             print(f"data: real CIFAR-10 unavailable ({err})")
     print(f"data: FAKE CIFAR-10 stand-in (fake_cifar10, {fake_n} train images): "
           "numbers from this run say nothing about the paper")

@@ -184,3 +184,10 @@ def test_real_cifar10_contents(cifar):
     mean, _ = D.channel_stats(cifar.x_train)
     assert np.allclose(mean.numpy(), [0.4914, 0.4822, 0.4465], atol=5e-4)
     assert torch.bincount(cifar.y_test).tolist() == [1000] * 10
+
+
+def test_load_data_falls_back_only_when_allowed(tmp_path, capsys):
+    d = D.load_data(fake_n=64, root=tmp_path / "none")
+    assert d.fake and d.x_train.shape[0] == 64 and "FAKE" in capsys.readouterr().out
+    with pytest.raises(FileNotFoundError):
+        D.load_data(fake_n=64, root=tmp_path / "none", allow_fake=False)
