@@ -18,10 +18,10 @@ from .data import REPO_ROOT
 from .report import resolve_preset
 
 
-def run_notebook(nb: Path, preset: str, fig_dir: Path, out_dir: Path, extra=None) -> dict:
+def run_notebook(nb: Path, preset: str, fig_dir: Path, out_dir: Path) -> dict:
     import papermill as pm
     out_dir.mkdir(parents=True, exist_ok=True)
-    params = {"PRESET": preset, "FIG_DIR": str(fig_dir), **(extra or {})}
+    params = {"PRESET": preset, "FIG_DIR": str(fig_dir)}
     t0 = time.time()
     error = None
     try:

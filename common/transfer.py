@@ -11,7 +11,8 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
-from .alignment import eigh_desc, filter_matrix, patch_covariance, second_moment
+from .alignment import (eigh_desc, filter_matrix, patch_covariance, second_moment,
+                        transfer_function)
 
 BIAS_POLICIES = ("zero", "keep", "scale")
 
@@ -149,7 +150,7 @@ def layerwise_covariance_transfer(pretrained: nn.Module, fresh: nn.Module, probe
         k = conv_p.kernel_size[0]
         a_p = _layer_input(pretrained, idx_p[l], probe_images)
         lam_p, v_p = eigh_desc(patch_covariance(a_p, k))
-        tau = torch.sqrt(((v_p.T @ second_moment(filter_matrix(conv_p))) * v_p.T).sum(1).clamp_min(0))
+        tau = transfer_function(second_moment(filter_matrix(conv_p)), v_p)
         a_n = a_p if l == 0 else _layer_input(fresh, idx_n[l], probe_images)
         lam_n, v_n = eigh_desc(patch_covariance(a_n, k))
         target = (v_n * tau ** 2) @ v_n.T
