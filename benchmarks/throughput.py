@@ -9,6 +9,7 @@
 - engine: common.train.train (on CUDA: GPU-resident data, bf16 autocast, channels_last).
 Synthetic CIFAR-shaped data; steady state (warm-up steps are not timed).
 """
+
 import argparse
 import time
 
@@ -49,8 +50,14 @@ def naive(make, x8, y, steps, warm, batch, dev):
     model = make().to(dev)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     workers = 4 if dev.type == "cuda" else 0
-    loader = DataLoader(PerSample(x8, y), batch_size=batch, shuffle=True, drop_last=True,
-                        num_workers=workers, persistent_workers=workers > 0)
+    loader = DataLoader(
+        PerSample(x8, y),
+        batch_size=batch,
+        shuffle=True,
+        drop_last=True,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+    )
     it, done, t0 = iter(loader), 0, None
     while done < steps + warm:
         try:
@@ -94,7 +101,7 @@ def engine(make, x, y, steps, warm, batch, dev):
     train(model, x, y, steps=warm, batch_size=batch, dev=dev, desc="warm-up")
     _sync(dev)
     t0 = time.time()
-    train(model, x, y, steps=steps, batch_size=batch, dev=dev, desc="engine", log_every=10 ** 9)
+    train(model, x, y, steps=steps, batch_size=batch, dev=dev, desc="engine", log_every=10**9)
     _sync(dev)
     return steps * batch / (time.time() - t0)
 
@@ -114,14 +121,19 @@ def main():
     x = (x8.float() / 255 - 0.47) / 0.25
     name = torch.cuda.get_device_name(0) if dev.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {name}; torch {torch.__version__}; batch {args.batch}; {args.steps} timed steps")
-    print(f"{'model':8} {'naive img/s':>12} {'bare img/s':>11} {'engine img/s':>13} {'engine/naive':>13} {'engine/bare':>12}")
+    print(
+        f"{'model':8} {'naive img/s':>12} {'bare img/s':>11} {'engine img/s':>13} "
+        f"{'engine/naive':>13} {'engine/bare':>12}"
+    )
     for key in args.models:
         make = MODELS[key]
         r_naive = naive(make, x8, y, args.steps, args.warm, args.batch, dev)
         r_bare = bare(make, x, y, args.steps, args.warm, args.batch, dev)
         r_eng = engine(make, x, y, args.steps, args.warm, args.batch, dev)
-        print(f"{key:8} {r_naive:12.0f} {r_bare:11.0f} {r_eng:13.0f} {r_eng / r_naive:12.2f}x {r_eng / r_bare:11.2f}x",
-              flush=True)
+        print(
+            f"{key:8} {r_naive:12.0f} {r_bare:11.0f} {r_eng:13.0f} {r_eng / r_naive:12.2f}x {r_eng / r_bare:11.2f}x",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
-"""Patch covariance, weight covariance, misalignment and the eigenvalue mapping f (SPEC §4.1-4.6).
+"""Patch covariance, weight covariance, misalignment and the eigenvalue mapping f (docs/protocol.md, "Formulas").
 
 One flattening order everywhere: ``(C, kh, kw)``, the order of ``conv.weight.reshape(m, -1)`` and
 of ``F.unfold``. All linear algebra is float64 and uses ``eigh`` (never ``eig``).
 """
+
 from __future__ import annotations
 
 import math
@@ -25,9 +26,10 @@ def extract_patches(images: torch.Tensor, k: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def patch_covariance(images: torch.Tensor, k: int, centered: bool = True,
-                     chunk: int = 1000, device=None) -> torch.Tensor:
-    """Covariance of all valid stride-1 ``k x k`` patches (SPEC §4.2).
+def patch_covariance(
+    images: torch.Tensor, k: int, centered: bool = True, chunk: int = 1000, device=None
+) -> torch.Tensor:
+    """Covariance of all valid stride-1 ``k x k`` patches (docs/protocol.md, "Patch covariance").
 
     ``images (N, C, H, W)`` (any float or uint8 dtype; pass the *preprocessed* images) ->
     ``(d, d) float64`` on the CPU, ``d = C*k*k``. Streams ``chunk`` images at a time, summing
@@ -41,7 +43,7 @@ def patch_covariance(images: torch.Tensor, k: int, centered: bool = True,
     s2 = torch.zeros(d, d, dtype=torch.float64, device=device)
     count = 0
     for start in range(0, images.shape[0], chunk):
-        p = extract_patches(images[start:start + chunk].to(device, torch.float64), k)
+        p = extract_patches(images[start : start + chunk].to(device, torch.float64), k)
         s1 += p.sum(0)
         s2 += p.T @ p
         count += p.shape[0]
@@ -72,7 +74,7 @@ def filter_matrix(layer: nn.Module) -> torch.Tensor:
 
 def weight_covariance(W: torch.Tensor, centered: bool = True) -> torch.Tensor:
     """Covariance of the rows of ``W (m, d)``: ``(d, d) float64``. Centred uses ``1/(m-1)``
-    (as ``np.cov``, SPEC §4.3 estimator C); uncentred is :func:`second_moment`."""
+    (as ``np.cov``, docs/protocol.md, "Weight covariance", estimator C); uncentred is :func:`second_moment`."""
     W = torch.as_tensor(W, dtype=torch.float64)
     if not centered:
         return second_moment(W)
@@ -81,14 +83,14 @@ def weight_covariance(W: torch.Tensor, centered: bool = True) -> torch.Tensor:
 
 
 def second_moment(W: torch.Tensor) -> torch.Tensor:
-    """``W^T W / m`` for ``W (m, d)``: ``(d, d) float64`` (SPEC §4.3 estimator S)."""
+    """``W^T W / m`` for ``W (m, d)``: ``(d, d) float64`` (docs/protocol.md, "Weight covariance", estimator S)."""
     W = torch.as_tensor(W, dtype=torch.float64)
     return W.T @ W / W.shape[0]
 
 
 def misalignment(sigma_w, basis, ridge: Optional[float] = None, max_cond: float = 1e12) -> float:
     """Misalignment of ``sigma_w (d, d)`` with the orthonormal columns of ``basis (d, d)``
-    (SPEC §4.5, the paper's Appendix A.6):
+    (docs/protocol.md, "Misalignment"; the paper's Appendix A.6):
 
         M = sum_i [ sqrt((b_i^T S b_i) (b_i^T S^{-1} b_i)) - 1 ]
 
@@ -108,15 +110,17 @@ def misalignment(sigma_w, basis, ridge: Optional[float] = None, max_cond: float 
         raise ValueError(
             f"misalignment: sigma_w is singular or ill-conditioned (eigenvalues in "
             f"[{vals[0].item():.3g}, {vals[-1].item():.3g}]); estimate it from at least d = {d} "
-            f"filters (pool runs) or pass ridge=1e-3")
+            f"filters (pool runs) or pass ridge=1e-3"
+        )
     proj = vecs.T @ B  # (d, d): coordinates of each b_i in S's eigenbasis
-    q = (vals[:, None] * proj ** 2).sum(0)
-    q_inv = (proj ** 2 / vals[:, None]).sum(0)
+    q = (vals[:, None] * proj**2).sum(0)
+    q_inv = (proj**2 / vals[:, None]).sum(0)
     return float((torch.sqrt(q * q_inv) - 1.0).clamp_min(0).sum())
 
 
 def transfer_function(sigma_w, data_evecs) -> torch.Tensor:
-    """Eigenvalue mapping f (Definition 3, SPEC §4.6): ``f_i = sqrt(v_i^T sigma_w v_i)`` for the
+    """Eigenvalue mapping f (the paper's Definition 3; docs/protocol.md, "Eigenvalue mapping"):
+    ``f_i = sqrt(v_i^T sigma_w v_i)`` for the
     columns ``v_i`` of ``data_evecs (d, d)``. Returns ``(d,) float64``, the std of the filters
     along each data direction."""
     S = torch.as_tensor(sigma_w, dtype=torch.float64)
@@ -133,11 +137,11 @@ def random_orthonormal_basis(d: int, seed: int) -> torch.Tensor:
     return Q * torch.sign(torch.diagonal(R))[None, :]
 
 
-def misalignment_floor(m: int, d: int, n_draws: int = 200, centered: bool = True,
-                       seed: int = 0) -> float:
+def misalignment_floor(m: int, d: int, n_draws: int = 200, centered: bool = True, seed: int = 0) -> float:
     """Expected misalignment of the covariance of ``m`` isotropic Gaussian filters in ``d``
     dimensions against a fixed basis (Monte-Carlo over ``n_draws``): the finite-sample floor of
-    SPEC §4.5 (about 1.50 for m = 256, d = 27). By rotation invariance the basis is the identity."""
+    docs/protocol.md, "Misalignment" (about 1.50 for m = 256, d = 27). By rotation invariance the
+    basis is the identity."""
     g = torch.Generator().manual_seed(seed)
     W = torch.randn(n_draws, m, d, generator=g, dtype=torch.float64)
     if centered:
@@ -149,13 +153,13 @@ def misalignment_floor(m: int, d: int, n_draws: int = 200, centered: bool = True
 
 
 def theoretical_floor(m: int, d: int) -> float:
-    """Large-m approximation of the floor, ``d (sqrt(m/(m-d-1)) - 1)`` (SPEC §4.5)."""
+    """Large-m approximation of the floor, ``d (sqrt(m/(m-d-1)) - 1)`` (docs/protocol.md, "Misalignment")."""
     return d * (math.sqrt(m / (m - d - 1)) - 1)
 
 
 def aligned_part(sigma_w, data_evecs) -> torch.Tensor:
     """``sum_i f_i^2 v_i v_i^T``: the part of ``sigma_w (d, d)`` that is diagonal in the data
-    eigenbasis ``(d, d)`` (SPEC §4.7 step 6, "aligned-only"). ``(d, d) float64``."""
+    eigenbasis ``(d, d)`` ("aligned-only", docs/protocol.md, "Gaussian approximation"). ``(d, d) float64``."""
     V = torch.as_tensor(data_evecs, dtype=torch.float64)
     f = transfer_function(sigma_w, V)
-    return (V * f ** 2) @ V.T
+    return (V * f**2) @ V.T

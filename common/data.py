@@ -1,11 +1,12 @@
 """CIFAR-10 on disk and on the device: loading, splits, random labels, standardisation, batching.
 
-SPEC §2.1 (data), §2.2 (random labels), §4.12 (splits and seeds).
+docs/protocol.md, "Data", "Random labels" and "Splits and seeds".
 
 Images stay ``(N, 3, 32, 32) uint8`` until :func:`standardize` turns them into
 ``(N, 3, 32, 32) float32``; labels are ``(N,) int64``. Every random choice takes its own seed:
 splits, labels, data order and model init never share a generator.
 """
+
 from __future__ import annotations
 
 import os
@@ -24,8 +25,7 @@ FOLDER = "cifar-10-batches-py"
 TRAIN_FILES = [f"data_batch_{i}" for i in range(1, 6)]
 TEST_FILE = "test_batch"
 ROWS_PER_FILE = 10_000
-CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
-           "dog", "frog", "horse", "ship", "truck")
+CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 
 class CifarFileError(RuntimeError):
@@ -34,6 +34,7 @@ class CifarFileError(RuntimeError):
 
 class Cifar10(NamedTuple):
     """The data set as tensors: ``x_* (N, 3, 32, 32) uint8``, ``y_* (N,) int64``."""
+
     x_train: torch.Tensor
     y_train: torch.Tensor
     x_test: torch.Tensor
@@ -62,27 +63,33 @@ def _read_batch(path: Path):
         with open(path, "rb") as fh:
             raw = pickle.load(fh, encoding="bytes")
     except Exception as err:  # truncated or corrupt pickles raise many different types
-        raise CifarFileError(f"CIFAR-10 batch file {path} is truncated or corrupt "
-                             f"({type(err).__name__}: {err}); delete it and fetch it again") from err
+        raise CifarFileError(
+            f"CIFAR-10 batch file {path} is truncated or corrupt "
+            f"({type(err).__name__}: {err}); load_cifar10(download=True) (or `make data`) fetches the "
+            f"archive again and replaces it, or rebuild the folder from another copy"
+        ) from err
     if not isinstance(raw, dict):
         raise CifarFileError(f"CIFAR-10 batch file {path} does not hold a dict")
     batch = {(k.decode() if isinstance(k, bytes) else k): v for k, v in raw.items()}
     if "data" not in batch or "labels" not in batch:
-        raise CifarFileError(f"CIFAR-10 batch file {path} lacks 'data' or 'labels' "
-                             f"(keys: {sorted(batch)})")
+        raise CifarFileError(f"CIFAR-10 batch file {path} lacks 'data' or 'labels' (keys: {sorted(batch)})")
     data = np.asarray(batch["data"])
     labels = np.asarray(batch["labels"], dtype=np.int64)
     if data.dtype != np.uint8 or data.shape != (ROWS_PER_FILE, 3 * 32 * 32):
-        raise CifarFileError(f"CIFAR-10 batch file {path}: data is {data.dtype} {data.shape}, "
-                             f"expected uint8 ({ROWS_PER_FILE}, 3072)")
+        raise CifarFileError(
+            f"CIFAR-10 batch file {path}: data is {data.dtype} {data.shape}, expected uint8 ({ROWS_PER_FILE}, 3072)"
+        )
     if labels.shape != (ROWS_PER_FILE,) or labels.min() < 0 or labels.max() > 9:
-        raise CifarFileError(f"CIFAR-10 batch file {path}: labels have shape {labels.shape} and "
-                             f"range [{labels.min()}, {labels.max()}], expected ({ROWS_PER_FILE},) in 0..9")
+        raise CifarFileError(
+            f"CIFAR-10 batch file {path}: labels have shape {labels.shape} and "
+            f"range [{labels.min()}, {labels.max()}], expected ({ROWS_PER_FILE},) in 0..9"
+        )
     return data.reshape(ROWS_PER_FILE, 3, 32, 32), labels
 
 
 def _download(root: Path) -> None:
     from torchvision.datasets.utils import download_and_extract_archive
+
     try:
         download_and_extract_archive(CIFAR10_URL, download_root=str(root), md5=CIFAR10_MD5)
     except Exception as err:
@@ -90,7 +97,8 @@ def _download(root: Path) -> None:
             f"CIFAR-10 not found in {root / FOLDER} and the download from {CIFAR10_URL} failed "
             f"({type(err).__name__}: {err}). Set CIFAR10_ROOT to a folder that holds "
             f"{FOLDER}/ (or pass root=...), or download the archive by hand and extract it "
-            f"into {root}.") from err
+            f"into {root}."
+        ) from err
 
 
 _CACHE: dict = {}
@@ -113,16 +121,24 @@ def load_cifar10(root: Optional[os.PathLike] = None, download: bool = True) -> C
         if not download:
             raise FileNotFoundError(
                 f"CIFAR-10 not found: no folder {folder}. Set CIFAR10_ROOT to a folder holding "
-                f"{FOLDER}/, or allow download=True (fetches {CIFAR10_URL}).")
+                f"{FOLDER}/, or allow download=True (fetches {CIFAR10_URL})."
+            )
         _download(base)
-    train = [_read_batch(folder / name) for name in TRAIN_FILES]
-    x_test, y_test = _read_batch(folder / TEST_FILE)
+    try:
+        train = [_read_batch(folder / name) for name in TRAIN_FILES]
+        x_test, y_test = _read_batch(folder / TEST_FILE)
+    except CifarFileError as err:
+        if not download:
+            raise
+        print(f"CIFAR-10: {err}; fetching the archive again into {base}")
+        _download(base)
+        train = [_read_batch(folder / name) for name in TRAIN_FILES]
+        x_test, y_test = _read_batch(folder / TEST_FILE)
     classes = CLASSES
     meta = folder / "batches.meta"
     if meta.is_file():
         with open(meta, "rb") as fh:
-            raw = {(k.decode() if isinstance(k, bytes) else k): v
-                   for k, v in pickle.load(fh, encoding="bytes").items()}
+            raw = {(k.decode() if isinstance(k, bytes) else k): v for k, v in pickle.load(fh, encoding="bytes").items()}
         names = raw.get("label_names")
         if names and len(names) == 10:
             classes = tuple(n.decode() if isinstance(n, bytes) else n for n in names)
@@ -150,7 +166,7 @@ def fake_cifar10(n: int = 2000, seed: int = 0, n_test: Optional[int] = None) -> 
     total = n + n_test
     noise = torch.randn(total, 3, 38, 38, generator=g)
     r = torch.arange(7, dtype=torch.float32) - 3
-    k1 = torch.exp(-r ** 2 / (2 * 1.5 ** 2))
+    k1 = torch.exp(-(r**2) / (2 * 1.5**2))
     kernel = (k1[:, None] * k1[None, :]) / (k1.sum() ** 2)
     blurred = F.conv2d(noise, kernel.expand(3, 1, 7, 7), groups=3)  # (total, 3, 32, 32)
     mix = torch.tensor([[1.0, 0.6, 0.4], [0.6, 1.0, 0.6], [0.4, 0.6, 1.0]])
@@ -178,37 +194,45 @@ def load_data(real: bool = True, fake_n: int = 2000, root=None, allow_fake: bool
             if not allow_fake:
                 raise
             print(f"data: real CIFAR-10 unavailable ({err})")
-    print(f"data: FAKE CIFAR-10 stand-in (fake_cifar10, {fake_n} train images): "
-          "numbers from this run say nothing about the paper")
+    print(
+        f"data: FAKE CIFAR-10 stand-in (fake_cifar10, {fake_n} train images): "
+        "numbers from this run say nothing about the paper"
+    )
     return fake_cifar10(fake_n)
 
 
 def disjoint_split(n: int, sizes: Sequence[int], seed: int) -> list:
     """Non-overlapping index sets of the given sizes drawn from ``range(n)``.
 
-    Returns a list of ``(size,) int64`` tensors (SPEC §4.12: one permutation, consecutive slices).
+    Returns a list of ``(size,) int64`` tensors (one permutation, consecutive slices).
     """
     if sum(sizes) > n:
         raise ValueError(f"split sizes {list(sizes)} add up to {sum(sizes)} > n = {n}")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     out, start = [], 0
     for s in sizes:
-        out.append(perm[start:start + s].clone())
+        out.append(perm[start : start + s].clone())
         start += s
     return out
 
 
 def random_labels(n: int, num_classes: int, seed: int) -> torch.Tensor:
     """``(n,) int64`` labels i.i.d. uniform on ``0..num_classes-1``, drawn once from their own
-    generator (SPEC §2.2), so no other seed can change them."""
+    generator (docs/protocol.md, "Random labels"), so no other seed can change them."""
     return torch.randint(num_classes, (n,), generator=torch.Generator().manual_seed(seed))
 
 
 def channel_stats(x: torch.Tensor):
-    """Per-channel mean and std of ``(N, 3, H, W) uint8`` images scaled to [0, 1]: two ``(3,)``
-    float64 tensors."""
-    xf = x.to(torch.float64) / 255.0
-    return xf.mean(dim=(0, 2, 3)), xf.std(dim=(0, 2, 3))
+    """Per-channel mean and std (``n - 1``) of ``(N, 3, H, W) uint8`` images scaled to [0, 1]:
+    two ``(3,)`` float64 tensors. Computed from exact integer sums, so the result is bit-identical
+    on every machine and torch version (the run cache keys on the standardised images' bytes)."""
+    xi = x.to(torch.int64)
+    n = xi.numel() // xi.shape[1]
+    s1 = xi.sum(dim=(0, 2, 3)).to(torch.float64)
+    s2 = (xi * xi).sum(dim=(0, 2, 3)).to(torch.float64)
+    mean = s1 / n
+    var = (s2 - s1 * s1 / n) / (n - 1)
+    return mean / 255.0, var.sqrt() / 255.0
 
 
 def standardize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -219,7 +243,7 @@ def standardize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch
 
 
 def standardized(data: Cifar10):
-    """Train and test images standardised with the *training*-set statistics (SPEC §2.1):
+    """Train and test images standardised with the *training*-set statistics (docs/protocol.md, "Data"):
     ``(x_train, x_test)`` as ``float32`` tensors."""
     mean, std = channel_stats(data.x_train)
     return standardize(data.x_train, mean, std), standardize(data.x_test, mean, std)
@@ -250,8 +274,7 @@ class DeviceLoader:
     (generator, permutation, position) round-trips through :meth:`state_dict` for exact resume.
     """
 
-    def __init__(self, x, y, batch_size: int, device, seed: int, augment: bool = False,
-                 drop_last: bool = False):
+    def __init__(self, x, y, batch_size: int, device, seed: int, augment: bool = False, drop_last: bool = False):
         self.device = torch.device(device)
         x = x.to(self.device, torch.float32)
         if x.dim() == 4 and self.device.type == "cuda":
@@ -269,7 +292,7 @@ class DeviceLoader:
         if self.perm is None or self.pos + need > self.n:
             self.perm = torch.randperm(self.n, device=self.device, generator=self.gen)
             self.pos = 0
-        idx = self.perm[self.pos:self.pos + self.batch_size]
+        idx = self.perm[self.pos : self.pos + self.batch_size]
         self.pos += len(idx)
         xb = self.x[idx]
         if self.augment:
@@ -277,8 +300,7 @@ class DeviceLoader:
         return xb, self.y[idx]
 
     def state_dict(self):
-        return {"gen": self.gen.get_state(), "perm": None if self.perm is None else self.perm.cpu(),
-                "pos": self.pos}
+        return {"gen": self.gen.get_state(), "perm": None if self.perm is None else self.perm.cpu(), "pos": self.pos}
 
     def load_state_dict(self, state):
         self.gen.set_state(state["gen"])

@@ -1,9 +1,9 @@
-"""The paper's networks (SPEC §2.4) with one initialisation rule (SPEC §2.5, ambiguity A1).
+"""The paper's networks (docs/protocol.md, "Networks") with one initialisation rule ("Initialisation").
 
 Every Conv2d and Linear weight is drawn He-normal scaled by ``init_scale``:
 ``std = init_scale * sqrt(2 / fan_in)``, ``fan_in = C_in * kh * kw`` (or ``in_features``); biases
 are 0 and BatchNorm starts at weight 1, bias 0. ``first_layer_std`` replaces the std of the first
-layer only (FINDINGS §2: the 2-layer CNN fits random labels only with a tiny first layer).
+layer only (the 2-layer CNN fits random labels only with a tiny first layer: docs/protocol.md).
 ``seed`` draws the init from its own generator, so it never shares randomness with the data
 order or the labels; ``seed=None`` uses torch's global generator.
 
@@ -12,6 +12,7 @@ Every model names its first layer and its classification head through the class 
 :func:`replace_classifier`. Inputs are ``(B, 3, 32, 32) float32`` images (``(B, d_in)`` for the
 fully connected net); outputs are ``(B, num_classes)`` logits.
 """
+
 from __future__ import annotations
 
 import math
@@ -35,15 +36,15 @@ def init_layer(layer: nn.Module, std: float, generator: Optional[torch.Generator
         layer.bias.zero_()
 
 
-def _init_model(model: nn.Module, init_scale: float, first_layer_std: Optional[float],
-                seed: Optional[int]) -> nn.Module:
+def _init_model(
+    model: nn.Module, init_scale: float, first_layer_std: Optional[float], seed: Optional[int]
+) -> nn.Module:
     model.init_scale = init_scale
     gen = None if seed is None else torch.Generator().manual_seed(seed)
     first = first_layer(model)
     for mod in model.modules():
         if isinstance(mod, (nn.Conv2d, nn.Linear)):
-            std = first_layer_std if (mod is first and first_layer_std is not None) \
-                else he_std(mod, init_scale)
+            std = first_layer_std if (mod is first and first_layer_std is not None) else he_std(mod, init_scale)
             init_layer(mod, std, gen)
         elif isinstance(mod, nn.BatchNorm2d):
             nn.init.ones_(mod.weight)
@@ -52,9 +53,10 @@ def _init_model(model: nn.Module, init_scale: float, first_layer_std: Optional[f
 
 
 class VGG16(nn.Module):
-    """VGG16 for CIFAR (SPEC §2.4a): 13 conv3x3 (padding 1) + ReLU, max-pool after each of the
+    """VGG16 for CIFAR (docs/protocol.md): 13 conv3x3 (padding 1) + ReLU, max-pool after each of the
     5 blocks, no BatchNorm, flatten ``(B, 512*late_width, 1, 1)`` -> ``Linear(512*late_width, K)``.
-    ``width`` scales every conv; ``late_width`` scales blocks 4 and 5 (SPEC §4.11)."""
+    ``width`` scales every conv; ``late_width`` scales blocks 4 and 5 ."""
+
     FIRST, HEAD = "features.0", "head"
     BLOCKS = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))
 
@@ -94,10 +96,11 @@ class _PreActBlock(nn.Module):
 
 
 class WideResNet(nn.Module):
-    """Pre-activation Wide ResNet (Zagoruyko & Komodakis 2016; SPEC §2.4c): stem conv
+    """Pre-activation Wide ResNet (Zagoruyko & Komodakis 2016): stem conv
     ``stem_kernel`` x ``stem_kernel`` (padding ``stem_kernel // 2``, so 32x32 stays 32x32), three
     groups of ``(depth-4)/6`` blocks with ``16k, 32k, 64k`` channels (stride 2 at groups 2 and 3),
     BN-ReLU-global average pool-Linear."""
+
     FIRST, HEAD = "stem", "head"
 
     def __init__(self, depth=28, widen=4, num_classes=10, stem_kernel=5, stem_width=16):
@@ -122,7 +125,8 @@ class WideResNet(nn.Module):
 
 class TwoLayerCNN(nn.Module):
     """Conv(3->filters, kernel, no padding) -> ReLU -> flatten -> Linear(hidden) -> ReLU ->
-    Linear(K) (SPEC §2.4b; Fig. 4 caption: "256 filters followed by 64 fully-connected nodes")."""
+    Linear(K) ( Fig. 4 caption: "256 filters followed by 64 fully-connected nodes")."""
+
     FIRST, HEAD = "conv", "head"
 
     def __init__(self, filters=256, kernel=3, hidden=64, num_classes=10, image_size=32):
@@ -138,7 +142,8 @@ class TwoLayerCNN(nn.Module):
 
 
 class TwoLayerFC(nn.Module):
-    """Linear(d_in, h1) -> ReLU -> Linear(h1, h2) -> ReLU -> Linear(h2, K) (SPEC §2.4d)."""
+    """Linear(d_in, h1) -> ReLU -> Linear(h1, h2) -> ReLU -> Linear(h2, K)."""
+
     FIRST, HEAD = "fc1", "head"
 
     def __init__(self, d_in, h1, h2, num_classes=10):
@@ -156,18 +161,18 @@ def vgg16(num_classes=10, width=1.0, late_width=1.0, init_scale=1.0, first_layer
     return _init_model(VGG16(num_classes, width, late_width), init_scale, first_layer_std, seed)
 
 
-def wrn(depth=28, widen=4, num_classes=10, stem_kernel=5, stem_width=16, init_scale=1.0,
-        first_layer_std=None, seed=None):
+def wrn(
+    depth=28, widen=4, num_classes=10, stem_kernel=5, stem_width=16, init_scale=1.0, first_layer_std=None, seed=None
+):
     """Pre-activation WRN-depth-widen; about 5.85 M parameters for WRN-28-4 with a 5x5 stem."""
-    return _init_model(WideResNet(depth, widen, num_classes, stem_kernel, stem_width),
-                       init_scale, first_layer_std, seed)
+    return _init_model(
+        WideResNet(depth, widen, num_classes, stem_kernel, stem_width), init_scale, first_layer_std, seed
+    )
 
 
-def two_layer_cnn(filters=256, kernel=3, hidden=64, num_classes=10, init_scale=1.0,
-                  first_layer_std=None, seed=None):
+def two_layer_cnn(filters=256, kernel=3, hidden=64, num_classes=10, init_scale=1.0, first_layer_std=None, seed=None):
     """The paper's 2-layer CNN; 14,753,482 parameters at the defaults."""
-    return _init_model(TwoLayerCNN(filters, kernel, hidden, num_classes), init_scale,
-                       first_layer_std, seed)
+    return _init_model(TwoLayerCNN(filters, kernel, hidden, num_classes), init_scale, first_layer_std, seed)
 
 
 def two_layer_fc(d_in, h1, h2, num_classes=10, init_scale=1.0, first_layer_std=None, seed=None):
@@ -199,3 +204,35 @@ def replace_classifier(model: nn.Module, num_classes: int, seed: Optional[int] =
 
 def n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+BUILDERS = {"vgg16": vgg16, "wrn": wrn, "two_layer_cnn": two_layer_cnn, "two_layer_fc": two_layer_fc}
+
+
+class ModelSpec:
+    """A network as data: a builder name from :data:`BUILDERS` and its keyword arguments (seed
+    included). ``build()`` makes it; ``key()`` is what the run cache keys on, so a run's model is
+    built from exactly the values in its key."""
+
+    def __init__(self, builder: str, **kwargs):
+        if builder not in BUILDERS:
+            raise ValueError(f"unknown builder {builder!r}; one of {sorted(BUILDERS)}")
+        self.builder, self.kwargs = builder, kwargs
+
+    def build(self) -> nn.Module:
+        return BUILDERS[self.builder](**self.kwargs)
+
+    def key(self) -> dict:
+        return {"builder": self.builder, **self.kwargs}
+
+    def replace(self, **changes) -> ModelSpec:
+        """The same spec with some arguments changed (e.g. another seed)."""
+        return ModelSpec(self.builder, **{**self.kwargs, **changes})
+
+    def __repr__(self):
+        return f"ModelSpec({self.builder!r}, " + ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items()) + ")"
+
+
+def spec(builder: str, **kwargs) -> ModelSpec:
+    """Shorthand for :class:`ModelSpec`."""
+    return ModelSpec(builder, **kwargs)

@@ -1,4 +1,5 @@
 """Small matplotlib helpers shared by the notebooks (paper-style curves with seed bands)."""
+
 from __future__ import annotations
 
 import numpy as np

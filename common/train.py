@@ -1,16 +1,19 @@
 """The one training loop every notebook uses: SGD with momentum, a step budget, schedules,
-periodic evaluation and callbacks, checkpoint/resume (SPEC §2.7, ambiguity A10).
+periodic evaluation and callbacks, checkpoint/resume (docs/protocol.md, "Optimiser").
 
-On CUDA: bf16 autocast, channels_last, ``cudnn.benchmark``. On the CPU: fp32. The history is
-plain data (lists of floats) that serialises to JSON::
+On CUDA: bf16 autocast, channels_last, ``cudnn.benchmark``, training and evaluation sets resident
+on the GPU. On the CPU: fp32. :func:`cached_train` builds a run from its spec and goes through
+the run cache. The history is plain data (lists of floats) that serialises to JSON::
 
     {"train": {"step": [...], "loss": [...], "acc": [...]},      # running means between logs
      "eval":  {"step": [...], "<set>_loss": [...], "<set>_acc": [...]},
      "callbacks": {"step": [...], "<key>": [...]},               # whatever callbacks return
      "steps": total_steps, "wall_s": seconds}
 """
+
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import time
@@ -21,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import cache
 from .data import DeviceLoader
 
 
@@ -31,8 +35,28 @@ def device(prefer: Optional[str] = None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def lr_at(step: int, total: int, lr: float, schedule: str = "constant",
-          milestones: Sequence[float] = (1 / 3, 2 / 3), gamma: float = 1 / 3) -> float:
+def reproducible(threads: Optional[int] = None) -> dict:
+    """Make CPU runs repeatable: fix torch's intra-op thread count (``threads``; None keeps the
+    current one) and, on a machine without CUDA, ask for deterministic algorithms. Returns what
+    was set. The same command on the same machine then gives bit-identical runs (tested in a
+    fresh process). On CUDA nothing is forced: bf16 autocast, cuDNN's benchmark-chosen kernels
+    and atomic reductions make GPU runs differ in their last bits (docs/reproducibility.md)."""
+    if threads is not None:
+        torch.set_num_threads(int(threads))
+    det = not torch.cuda.is_available()
+    if det:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    return {"threads": torch.get_num_threads(), "deterministic_algorithms": det}
+
+
+def lr_at(
+    step: int,
+    total: int,
+    lr: float,
+    schedule: str = "constant",
+    milestones: Sequence[float] = (1 / 3, 2 / 3),
+    gamma: float = 1 / 3,
+) -> float:
     """Learning rate at ``step`` of ``total``: ``"constant"``; ``"step"`` (multiply by ``gamma``
     at each milestone, given as fractions of ``total``); ``"cosine"`` (to 0 at ``total``)."""
     if schedule == "constant":
@@ -51,8 +75,9 @@ def _autocast(dev: torch.device):
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 2000,
-             dev: Optional[torch.device] = None) -> Tuple[float, float]:
+def evaluate(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 2000, dev: Optional[torch.device] = None
+) -> Tuple[float, float]:
     """Mean cross-entropy and accuracy of ``model`` on ``x (N, ...)``, ``y (N,)``, in eval mode,
     in batches of ``batch_size`` (tensors may live on the CPU or the device)."""
     dev = dev or next(model.parameters()).device
@@ -60,8 +85,8 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     model.eval()
     loss_sum, correct = 0.0, 0
     for s in range(0, len(y), batch_size):
-        xb = x[s:s + batch_size].to(dev, non_blocking=True)
-        yb = y[s:s + batch_size].to(dev, non_blocking=True)
+        xb = x[s : s + batch_size].to(dev, non_blocking=True)
+        yb = y[s : s + batch_size].to(dev, non_blocking=True)
         if xb.dim() == 4 and dev.type == "cuda":
             xb = xb.contiguous(memory_format=torch.channels_last)
         with _autocast(dev):
@@ -76,16 +101,34 @@ def _append(table: dict, key: str, value) -> None:
     table.setdefault(key, []).append(value)
 
 
-def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, steps: Optional[int] = None,
-          epochs: Optional[float] = None, lr: float = 0.01, momentum: float = 0.9,
-          weight_decay: float = 0.0, nesterov: bool = False, schedule: str = "constant",
-          milestones: Sequence[float] = (1 / 3, 2 / 3), gamma: float = 1 / 3,
-          batch_size: int = 256, data_seed: int = 0, augment: bool = False,
-          eval_sets: Optional[Dict[str, Tuple[torch.Tensor, torch.Tensor]]] = None,
-          eval_every: Optional[int] = None, eval_at: Sequence[int] = (),
-          callbacks: Sequence[Tuple[int, Callable]] = (), log_every: int = 50,
-          dev: Optional[torch.device] = None, checkpoint_path: Optional[os.PathLike] = None,
-          checkpoint_every: int = 1000, desc: str = "train") -> dict:
+def train(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    steps: Optional[int] = None,
+    epochs: Optional[float] = None,
+    lr: float = 0.01,
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    nesterov: bool = False,
+    schedule: str = "constant",
+    milestones: Sequence[float] = (1 / 3, 2 / 3),
+    gamma: float = 1 / 3,
+    batch_size: int = 256,
+    data_seed: int = 0,
+    augment: bool = False,
+    eval_sets: Optional[Dict[str, Tuple[torch.Tensor, torch.Tensor]]] = None,
+    eval_every: Optional[int] = None,
+    eval_at: Sequence[int] = (),
+    callbacks: Sequence[Tuple[int, Callable]] = (),
+    log_every: int = 50,
+    dev: Optional[torch.device] = None,
+    checkpoint_path: Optional[os.PathLike] = None,
+    checkpoint_every: Optional[int] = None,
+    checkpoint_every_s: float = 300.0,
+    desc: str = "train",
+) -> dict:
     """Train ``model`` in place on ``x (N, ...) float32``, ``y (N,) int64`` with SGD and
     cross-entropy; return the history (see the module docstring).
 
@@ -95,8 +138,10 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, steps: Optional
     returns a dict of floats (or lists of floats), recorded at step 0, at the end, and every
     ``every`` steps (an int) or at the listed steps (a list, tuple or set).
     ``data_seed`` fixes the batch order (the init is the caller's). With ``checkpoint_path``
-    the run saves its full state every ``checkpoint_every`` steps and resumes from it, ending
-    with the same result as an uninterrupted run on the CPU.
+    the run saves its full state every ``checkpoint_every`` steps, or (when that is None) every
+    ``checkpoint_every_s`` seconds of wall time, so short runs write none; it resumes from
+    that file, ending with the same result as an uninterrupted run on the CPU. Evaluation sets
+    are moved to the device once, at the start.
     """
     dev = dev or device()
     if steps is None:
@@ -110,15 +155,21 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, steps: Optional
         model = model.to(dev)
     model.train()
     loader = DeviceLoader(x, y, batch_size, dev, data_seed, augment=augment)
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum,
-                          weight_decay=weight_decay, nesterov=nesterov)
-    eval_sets = eval_sets or {}
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
+    eval_sets = {name: (xe.to(dev, torch.float32), ye.to(dev)) for name, (xe, ye) in (eval_sets or {}).items()}
+    if dev.type == "cuda":
+        eval_sets = {
+            name: (xe.contiguous(memory_format=torch.channels_last) if xe.dim() == 4 else xe, ye)
+            for name, (xe, ye) in eval_sets.items()
+        }
     eval_at = set(eval_at)
     hist = {"train": {}, "eval": {}, "callbacks": {}}
     step, run_loss, run_acc, run_n = 0, 0.0, 0.0, 0
     ckpt = Path(checkpoint_path) if checkpoint_path else None
     if ckpt is not None and ckpt.is_file():
-        state = torch.load(ckpt, map_location=dev, weights_only=False)
+        # on the CPU first: the loader's generator state must stay a CPU ByteTensor; the model and
+        # optimiser copy their tensors to the device themselves
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         loader.load_state_dict(state["loader"])
@@ -138,13 +189,16 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, steps: Optional
                 stats = fn(model, s)
                 _append(hist["callbacks"], "step", s)
                 for key, val in stats.items():
-                    _append(hist["callbacks"], key, [float(v) for v in val]
-                            if isinstance(val, (list, tuple)) else float(val))
+                    _append(
+                        hist["callbacks"],
+                        key,
+                        [float(v) for v in val] if isinstance(val, (list, tuple)) else float(val),
+                    )
 
-    from tqdm.auto import tqdm
-    bar = tqdm(total=steps, initial=step, desc=desc, disable=bool(os.environ.get("CI")),
-               leave=False, mininterval=1.0)
-    t0 = time.time()
+    from tqdm import tqdm  # plain text bars: they reach a terminal from papermill and in-process runs alike
+
+    bar = tqdm(total=steps, initial=step, desc=desc, disable=bool(os.environ.get("CI")), leave=False, mininterval=1.0)
+    t0 = last_ckpt = time.time()
     if step == 0:
         record(0)
     while step < steps:
@@ -171,14 +225,107 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, steps: Optional
         if step < steps:
             record(step)
         bar.update(1)
-        if ckpt is not None and step % checkpoint_every == 0 and step < steps:
+        due = (step % checkpoint_every == 0) if checkpoint_every else (time.time() - last_ckpt >= checkpoint_every_s)
+        if ckpt is not None and due and step < steps:
+            last_ckpt = time.time()
             tmp = ckpt.with_suffix(".tmp")
-            torch.save({"model": model.state_dict(), "opt": opt.state_dict(),
-                        "loader": loader.state_dict(), "hist": hist, "step": step,
-                        "running": (float(run_loss), float(run_acc), run_n)}, tmp)
+            torch.save(
+                {
+                    "model": model.state_dict(),
+                    "opt": opt.state_dict(),
+                    "loader": loader.state_dict(),
+                    "hist": hist,
+                    "step": step,
+                    "running": (float(run_loss), float(run_acc), run_n),
+                },
+                tmp,
+            )
             os.replace(tmp, ckpt)
     record(steps)
     bar.close()
     hist["steps"] = steps
     hist["wall_s"] = hist.get("wall_s", 0.0) + time.time() - t0
     return hist
+
+
+#: ``train`` arguments that do not change what a run computes (left out of its cache key).
+_NOT_IN_KEY = {
+    "model",
+    "x",
+    "y",
+    "eval_sets",
+    "callbacks",
+    "dev",
+    "checkpoint_path",
+    "checkpoint_every",
+    "checkpoint_every_s",
+    "desc",
+}
+
+
+def cached_train(
+    model,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    init=None,
+    probes: Sequence = (),
+    eval_sets: Optional[Dict[str, Tuple[torch.Tensor, torch.Tensor]]] = None,
+    keep: Sequence[str] = (),
+    export: Optional[str] = None,
+    force: bool = False,
+    need_states: bool = False,
+    dev: Optional[torch.device] = None,
+    desc: str = "train",
+    **train_kwargs,
+) -> cache.CachedResult:
+    """Build, train and cache one run; the run's key is made from exactly these arguments.
+
+    ``model``: a :class:`common.models.ModelSpec` (builder name and arguments, seed included).
+    ``init``: optional object with ``apply(model)`` and ``key()`` that changes the fresh model
+    before training (a transfer variant, :class:`common.transfer.Variant`). ``x (N, ...)``,
+    ``y (N,)`` and ``eval_sets`` enter the key by content. ``probes``: :mod:`common.probes`
+    objects, recorded in ``history["callbacks"]``. ``keep``: states to store with the run:
+    ``"init"`` (the state dict before training), ``"trained"`` (after), ``"first_layer"`` (the
+    first layer's state dict after training). ``train_kwargs`` go to :func:`train`, every default
+    filled in before keying. ``export="<figure>"`` writes the history to ``results/<figure>/``.
+    Returns :class:`common.cache.CachedResult`.
+    """
+    from .models import first_layer
+
+    bound = inspect.signature(train).bind_partial(**train_kwargs)
+    bound.apply_defaults()
+    hyper = {k: v for k, v in bound.arguments.items() if k not in _NOT_IN_KEY}
+    bad = set(train_kwargs) & _NOT_IN_KEY
+    if bad:
+        raise TypeError(f"cached_train: pass {sorted(bad)} through its own arguments")
+    key = cache.run_key(
+        model=model, init=init, x=x, y=y, eval_sets=eval_sets or {}, probes=list(probes), keep=sorted(keep), train=hyper
+    )
+
+    def fn(scratch):
+        net = model.build()
+        if init is not None:
+            init.apply(net)
+        states = {}
+        if "init" in keep:
+            states["init"] = {k: v.detach().clone() for k, v in net.state_dict().items()}
+        hist = train(
+            net,
+            x,
+            y,
+            eval_sets=eval_sets,
+            callbacks=[(p.every, p) for p in probes],
+            dev=dev,
+            checkpoint_path=scratch / "ckpt.pt",
+            desc=desc,
+            **train_kwargs,
+        )
+        hist["device"] = str(torch.cuda.get_device_name(0) if next(net.parameters()).is_cuda else "cpu")
+        if "trained" in keep:
+            states["trained"] = net.state_dict()
+        if "first_layer" in keep:
+            states["first_layer"] = first_layer(net).state_dict()
+        return hist, states
+
+    return cache.cached_run(key, fn, force=force, need_states=need_states, export=export)

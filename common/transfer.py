@@ -1,18 +1,28 @@
-"""Moving first-layer statistics from an upstream network to a downstream one (SPEC §4.7-4.9).
+"""Moving first-layer statistics from an upstream network to a downstream one (docs/protocol.md,
+"Gaussian approximation", "Rescaling", "Layer-wise transfer").
 
-Bias policies (ambiguity A7; FINDINGS §4): ``"zero"`` sets transferred biases to 0, ``"keep"``
+Bias policies (docs/protocol.md, "Biases"): ``"zero"`` sets transferred biases to 0, ``"keep"``
 carries them over as trained, ``"scale"`` multiplies them by the same factor as the weights.
 Default ``"zero"``: trained biases next to weights shrunk back to a tiny norm wreck the start.
 """
+
 from __future__ import annotations
 
+import copy
 from typing import Iterable, Optional
 
 import torch
 from torch import nn
 
-from .alignment import (eigh_desc, filter_matrix, patch_covariance, second_moment,
-                        transfer_function)
+from .alignment import (
+    eigh_desc,
+    filter_matrix,
+    patch_covariance,
+    random_orthonormal_basis,
+    second_moment,
+    transfer_function,
+    weight_covariance,
+)
 
 BIAS_POLICIES = ("zero", "keep", "scale")
 
@@ -28,17 +38,18 @@ def weight_layers(model: nn.Module) -> list:
 
 
 @torch.no_grad()
-def rescale_to_reference(model: nn.Module, reference_state: dict, layers: Optional[Iterable[str]] = None,
-                         bias: str = "zero") -> dict:
+def rescale_to_reference(
+    model: nn.Module, reference_state: dict, layers: Optional[Iterable[str]] = None, bias: str = "zero"
+) -> dict:
     """Scale each layer's weight tensor to the Frobenius norm it has in ``reference_state``
-    (normally the same run's ``state_dict()`` at initialisation; SPEC §4.8, per layer).
+    (normally the same run's ``state_dict()`` at initialisation; per layer, docs/protocol.md "Rescaling").
 
     ``layers``: module names (default: every Conv2d/Linear). Biases follow ``bias``. Changes the
     model in place and returns ``{layer: factor}``.
     """
     _check_bias(bias)
     factors = {}
-    for name in (weight_layers(model) if layers is None else layers):
+    for name in weight_layers(model) if layers is None else layers:
         mod = model.get_submodule(name)
         ref = reference_state[f"{name}.weight"].to(mod.weight.device, torch.float64)
         factor = (ref.norm() / mod.weight.to(torch.float64).norm()).item()
@@ -52,23 +63,16 @@ def rescale_to_reference(model: nn.Module, reference_state: dict, layers: Option
     return factors
 
 
-def gaussian_resample(W: torch.Tensor, m: int, generator: torch.Generator,
-                      centered: bool = False) -> torch.Tensor:
+def gaussian_resample(W: torch.Tensor, m: int, generator: torch.Generator, centered: bool = False) -> torch.Tensor:
     """``m`` new filters i.i.d. from the Gaussian fitted to the rows of ``W (m0, d)``.
 
-    ``centered=False``: N(0, S) with S = ``W^T W / m0`` (SPEC §4.7, mean 0, the paper's choice).
-    ``centered=True``: N(mean, C) with C the ``1/(m0-1)`` covariance (ablation A8). Sampling
+    ``centered=False``: N(0, S) with S = ``W^T W / m0`` (mean 0, the paper's choice).
+    ``centered=True``: N(mean, C) with C the ``1/(m0-1)`` covariance (an ablation). Sampling
     goes through ``eigh`` with negative eigenvalues clipped to 0. Returns ``(m, d)`` in W's dtype.
     """
     W64 = torch.as_tensor(W).to(torch.float64).cpu()
-    if centered:
-        mean = W64.mean(0)
-        Wc = W64 - mean
-        S = Wc.T @ Wc / (W64.shape[0] - 1)
-    else:
-        mean = torch.zeros(W64.shape[1], dtype=torch.float64)
-        S = second_moment(W64)
-    return sample_gaussian(S, m, generator, mean).to(W.dtype)
+    mean = W64.mean(0) if centered else None
+    return sample_gaussian(weight_covariance(W64, centered=centered), m, generator, mean).to(W.dtype)
 
 
 def sample_gaussian(cov, m: int, generator: torch.Generator, mean=None) -> torch.Tensor:
@@ -90,12 +94,17 @@ def set_filters(layer: nn.Module, W: torch.Tensor, bias_zero: bool = True) -> No
 
 
 @torch.no_grad()
-def transplant(source: nn.Module, target: nn.Module, layers: Iterable[str],
-               reference_state: Optional[dict] = None, bias: str = "zero") -> None:
+def transplant(
+    source: nn.Module,
+    target: nn.Module,
+    layers: Iterable[str],
+    reference_state: Optional[dict] = None,
+    bias: str = "zero",
+) -> None:
     """Copy the named layers' weights and biases from ``source`` into ``target`` (in place).
 
     With ``reference_state`` (the source's state at initialisation) each copied weight is rescaled
-    to its reference norm (SPEC §4.8); without it the weights are copied as trained. Biases follow
+    to its reference norm ("Rescaling"); without it the weights are copied as trained. Biases follow
     ``bias`` ("scale" needs ``reference_state``).
     """
     _check_bias(bias)
@@ -116,21 +125,28 @@ def transplant(source: nn.Module, target: nn.Module, layers: Iterable[str],
 def _conv_indices(model: nn.Module) -> list:
     feats = getattr(model, "features", None)
     if not isinstance(feats, nn.Sequential):
-        raise TypeError("layerwise_covariance_transfer needs a model with a `features` "
-                        "nn.Sequential of conv layers (e.g. vgg16)")
+        raise TypeError(
+            "layerwise_covariance_transfer needs a model with a `features` nn.Sequential of conv layers (e.g. vgg16)"
+        )
     return [i for i, m in enumerate(feats) if isinstance(m, nn.Conv2d)]
 
 
 @torch.no_grad()
 def _layer_input(model: nn.Module, idx: int, x: torch.Tensor, batch: int = 500) -> torch.Tensor:
-    return torch.cat([model.features[:idx](x[s:s + batch]) for s in range(0, len(x), batch)])
+    return torch.cat([model.features[:idx](x[s : s + batch]) for s in range(0, len(x), batch)])
 
 
 @torch.no_grad()
-def layerwise_covariance_transfer(pretrained: nn.Module, fresh: nn.Module, probe_images: torch.Tensor,
-                                  n_layers: int, generator: torch.Generator,
-                                  rescale: bool = True) -> list:
-    """Our reading of the paper's Section 2.5 (SPEC §4.9): initialise the first ``n_layers`` conv
+def layerwise_covariance_transfer(
+    pretrained: nn.Module,
+    fresh: nn.Module,
+    probe_images: torch.Tensor,
+    n_layers: int,
+    generator: torch.Generator,
+    rescale: bool = True,
+) -> list:
+    """Our reading of the paper's Section 2.5 (docs/protocol.md, "Layer-wise transfer"): initialise
+    the first ``n_layers`` conv
     layers of ``fresh`` layer by layer from the eigenvalue mapping of ``pretrained``.
 
     For layer l: take the inputs of layer l in ``pretrained`` on ``probe_images (N, 3, H, W)``,
@@ -153,7 +169,7 @@ def layerwise_covariance_transfer(pretrained: nn.Module, fresh: nn.Module, probe
         tau = transfer_function(second_moment(filter_matrix(conv_p)), v_p)
         a_n = a_p if l == 0 else _layer_input(fresh, idx_n[l], probe_images)
         lam_n, v_n = eigh_desc(patch_covariance(a_n, k))
-        target = (v_n * tau ** 2) @ v_n.T
+        target = (v_n * tau**2) @ v_n.T
         old_norm = conv_n.weight.norm()
         W = sample_gaussian(target, conv_n.out_channels, generator)
         set_filters(conv_n, W)
@@ -161,3 +177,87 @@ def layerwise_covariance_transfer(pretrained: nn.Module, fresh: nn.Module, probe
             conv_n.weight.mul_(old_norm / conv_n.weight.norm())
         info.append({"tau": tau, "lambda_P": lam_p, "lambda_N": lam_n})
     return info
+
+
+@torch.no_grad()
+def covariance_init(layer: nn.Module, source_filters: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Figure 5 "covariance": replace ``layer``'s ``m`` filters by i.i.d. draws from N(0, S), S the
+    second moment ``W^T W / m0`` of ``source_filters (m0, d)`` (the rescaled pretrained filters);
+    bias 0 (docs/protocol.md, "Gaussian approximation"). Returns the new ``(m, d) float64`` filters."""
+    W = gaussian_resample(torch.as_tensor(source_filters, dtype=torch.float64), layer.weight.shape[0], generator)
+    set_filters(layer, W)
+    return W
+
+
+@torch.no_grad()
+def random_eigenbasis_init(
+    layer: nn.Module, source_filters: torch.Tensor, generator: torch.Generator, basis_seed: int
+) -> torch.Tensor:
+    """The control for :func:`covariance_init`: draws from N(0, Q diag(s) Q^T), with ``s`` the
+    eigenvalues of the second moment of ``source_filters (m0, d)`` and ``Q`` a Haar-random basis
+    (seed ``basis_seed``): the same spectrum without the alignment. Bias 0. Returns ``(m, d)``."""
+    vals, _ = eigh_desc(second_moment(torch.as_tensor(source_filters, dtype=torch.float64)))
+    Q = random_orthonormal_basis(len(vals), seed=basis_seed)
+    W = sample_gaussian((Q * vals) @ Q.T, layer.weight.shape[0], generator)
+    set_filters(layer, W)
+    return W
+
+
+class Variant:
+    """A downstream initialisation of Figure 5, applied to a freshly built network.
+
+    ``upstream`` is the cached upstream run (its states ``"init"`` and ``"trained"``; see
+    :func:`common.train.cached_train`), ``seed`` seeds the Gaussian sampling. Names:
+
+    - ``"pretrained"``: the first layer copied, rescaled to its initial norm, bias 0;
+    - ``"no rescaling"``: the first layer copied as trained, bias as trained;
+    - ``"covariance"``: :func:`covariance_init` from the rescaled pretrained first layer;
+    - ``"pretrained + FC"``: every layer but the head copied and rescaled, biases 0;
+    - ``"pretrained, bias kept"``: as "pretrained" with the trained bias next to the rescaled weights;
+    - ``"random-eigenbasis Gaussian"``: :func:`random_eigenbasis_init` from the rescaled first layer.
+
+    Every other layer keeps the fresh network's init; the head is always fresh. ``key()`` names the
+    upstream run by its cache hash, so a downstream run's key changes whenever its upstream does.
+    """
+
+    NAMES = (
+        "pretrained",
+        "no rescaling",
+        "covariance",
+        "pretrained + FC",
+        "pretrained, bias kept",
+        "random-eigenbasis Gaussian",
+    )
+
+    def __init__(self, name: str, upstream, seed: int):
+        if name not in self.NAMES:
+            raise ValueError(f"unknown variant {name!r}; one of {self.NAMES}")
+        self.name, self.upstream, self.seed = name, upstream, seed
+
+    def key(self) -> dict:
+        return {"variant": self.name, "seed": self.seed, "upstream": self.upstream.hash}
+
+    @torch.no_grad()
+    def apply(self, model: nn.Module) -> nn.Module:
+        init, trained = self.upstream.states["init"], self.upstream.states["trained"]
+        source = copy.deepcopy(model)
+        source.load_state_dict(trained)
+        first = type(model).FIRST
+        if self.name == "no rescaling":
+            transplant(source, model, [first], bias="keep")
+        elif self.name == "pretrained":
+            transplant(source, model, [first], reference_state=init, bias="zero")
+        elif self.name == "pretrained, bias kept":
+            transplant(source, model, [first], reference_state=init, bias="keep")
+        elif self.name == "pretrained + FC":
+            layers = [n for n in weight_layers(model) if n != type(model).HEAD]
+            transplant(source, model, layers, reference_state=init, bias="zero")
+        else:
+            rescale_to_reference(source, init, [first], bias="zero")
+            W = filter_matrix(source.get_submodule(first))
+            g = torch.Generator().manual_seed(20_000 + self.seed)
+            if self.name == "covariance":
+                covariance_init(model.get_submodule(first), W, g)
+            else:
+                random_eigenbasis_init(model.get_submodule(first), W, g, basis_seed=30_000 + self.seed)
+        return model

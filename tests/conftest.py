@@ -18,9 +18,11 @@ def cifar():
     """The real CIFAR-10; skips (saying why) when CIFAR10_ROOT does not point at it."""
     root = _real_root()
     if root is None:
-        pytest.skip("real CIFAR-10 not available: set CIFAR10_ROOT to a folder holding "
-                    "cifar-10-batches-py/ (see README)")
+        pytest.skip(
+            "real CIFAR-10 not available: set CIFAR10_ROOT to a folder holding cifar-10-batches-py/ (see README)"
+        )
     from common.data import load_cifar10
+
     return load_cifar10(root, download=False)
 
 

@@ -17,7 +17,7 @@ def test_extract_patches_matches_explicit_loop_and_conv_weight_order():
     for n in range(2):
         for r in range(5 - k + 1):
             for c in range(6 - k + 1):
-                rows.append(x[n, :, r:r + k, c:c + k].reshape(-1))
+                rows.append(x[n, :, r : r + k, c : c + k].reshape(-1))
     assert torch.allclose(P, torch.stack(rows))
     # a patch dotted with a flattened conv filter is the conv output at that position
     conv = nn.Conv2d(3, 4, k, bias=False).double()
@@ -36,8 +36,7 @@ def test_extract_patches_matches_unfold():
 def test_patch_covariance_matches_numpy(centered):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(7, 3, 6, 6)) + 0.5
-    P = np.array([x[n, :, r:r + 3, c:c + 3].reshape(-1)
-                  for n in range(7) for r in range(4) for c in range(4)])
+    P = np.array([x[n, :, r : r + 3, c : c + 3].reshape(-1) for n in range(7) for r in range(4) for c in range(4)])
     if centered:
         ref = np.cov(P, rowvar=False, bias=True)
     else:
@@ -104,7 +103,7 @@ def test_misalignment_rejects_singular_unless_ridge():
 def test_transfer_function_reconstructs_aligned_sigma():
     V = A.random_orthonormal_basis(12, seed=4)
     f = torch.linspace(0.01, 0.5, 12, dtype=torch.float64)
-    S = (V * f ** 2) @ V.T
+    S = (V * f**2) @ V.T
     assert torch.allclose(A.transfer_function(S, V), f)
     assert torch.allclose(A.aligned_part(S, V), S)
 
@@ -127,7 +126,7 @@ def test_haar_basis_orthonormal_and_rotation_invariant():
 
 def test_misalignment_floor_matches_simulation_and_table():
     floor = A.misalignment_floor(256, 27, n_draws=100)
-    assert abs(floor - 1.50) < 0.08  # SPEC §4.5 table
+    assert abs(floor - 1.50) < 0.08  # Monte-Carlo value (docs/protocol.md, "Misalignment")
     assert abs(floor - A.theoretical_floor(256, 27)) < 0.15
     # independent simulation: np.cov of isotropic filters against a random fixed basis
     rng = np.random.default_rng(5)

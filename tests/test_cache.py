@@ -1,70 +1,176 @@
+"""The run cache: keys built from what defines a run, never a stale or foreign entry."""
+
 import json
 
 import pytest
 import torch
 
 from common import cache as C
+from common.data import fake_cifar10, standardized
+from common.models import spec
+from common.probes import FirstLayerMisalignment
+from common.train import cached_train
 
 
 def _fn(counter, value=1.0):
     def fn(scratch):
         counter.append(scratch)
         return {"acc": [value]}, {"w": torch.full((2,), value)}
+
     return fn
 
 
-def test_miss_then_hit(tmp_path):
+def test_miss_then_hit_and_key_order_is_irrelevant(tmp_path):
     calls = []
-    cfg = {"lr": 0.1, "seeds": [0, 1], "model": {"name": "cnn", "width": 2}}
-    r1 = C.cached_run(cfg, _fn(calls), root=tmp_path)
+    k1 = C.run_key(lr=0.1, model={"name": "cnn", "width": 2}, data=torch.arange(5))
+    r1 = C.cached_run(k1, _fn(calls), root=tmp_path)
     assert not r1.hit and len(calls) == 1
-    r2 = C.cached_run(dict(reversed(list(cfg.items()))), _fn(calls), root=tmp_path)  # key order irrelevant
-    assert r2.hit and len(calls) == 1 and r2.history == {"acc": [1.0]}
+    k2 = C.run_key(data=torch.arange(5), model={"width": 2, "name": "cnn"}, lr=0.1)
+    r2 = C.cached_run(k2, _fn(calls), root=tmp_path)
+    assert r2.hit and r2.source == "cache" and len(calls) == 1 and r2.history == {"acc": [1.0]}
     assert torch.equal(r2.states["w"], torch.ones(2))
-    assert json.loads((r1.path / "config.json").read_text()) == cfg
+    stored = json.loads((r1.path / "key.json").read_text())
+    assert stored["key"] == k1 and stored["git_commit"]
 
 
-def test_any_config_change_misses(tmp_path):
+def test_tensors_enter_the_key_by_content():
+    a = C.run_key(x=torch.zeros(3))
+    assert a == C.run_key(x=torch.zeros(3).clone())
+    assert a != C.run_key(x=torch.tensor([0.0, 0.0, 1e-30]))
+    assert a != C.run_key(x=torch.zeros(3, dtype=torch.float64))
+    t = torch.zeros(3)
+    before = C.run_key(x=t)
+    t[1] = 2.0  # changed in place after being hashed
+    assert C.run_key(x=t) != before
+
+
+def test_unknown_objects_are_refused():
+    with pytest.raises(TypeError):
+        C.run_key(model=object())
+    with pytest.raises(ValueError):
+        C.cached_run({"lr": 0.1}, _fn([]))  # not a run_key
+
+
+def test_version_bump_and_force_recompute(tmp_path, monkeypatch):
     calls = []
-    C.cached_run({"lr": 0.1, "seed": 0}, _fn(calls), root=tmp_path)
-    C.cached_run({"lr": 0.1, "seed": 1}, _fn(calls), root=tmp_path)
-    C.cached_run({"lr": 0.2, "seed": 0}, _fn(calls), root=tmp_path)
+    C.cached_run(C.run_key(a=1), _fn(calls), root=tmp_path)
+    r = C.cached_run(C.run_key(a=1), _fn(calls, 2.0), root=tmp_path, force=True)
+    assert not r.hit and r.history == {"acc": [2.0]} and len(calls) == 2
+    monkeypatch.setattr(C, "CACHE_VERSION", "999")
+    C.cached_run(C.run_key(a=1), _fn(calls), root=tmp_path)
     assert len(calls) == 3
 
 
-def test_version_bump_misses(tmp_path, monkeypatch):
+def test_entry_with_a_different_stored_key_is_recomputed(tmp_path):
     calls = []
-    C.cached_run({"a": 1}, _fn(calls), root=tmp_path)
-    monkeypatch.setattr(C, "CACHE_VERSION", "999")
-    C.cached_run({"a": 1}, _fn(calls), root=tmp_path)
+    key = C.run_key(a=1)
+    r = C.cached_run(key, _fn(calls), root=tmp_path)
+    doc = json.loads((r.path / "key.json").read_text())
+    doc["key"]["parts"]["a"] = 2  # e.g. a hash collision or a hand-copied folder
+    (r.path / "key.json").write_text(json.dumps(doc))
+    r2 = C.cached_run(key, _fn(calls), root=tmp_path)
+    assert not r2.hit and len(calls) == 2
+
+
+def test_code_fingerprint_ignores_comments_and_docstrings_but_not_code(tmp_path):
+    src = 'def f(x):\n    """Doc."""\n    return x + 1  # add one\n'
+    (tmp_path / "m.py").write_text(src)
+    base = C.code_fingerprint(("m",), tmp_path)
+    (tmp_path / "m2").mkdir()
+    (tmp_path / "m2" / "m.py").write_text('def f(x):\n    """Other words."""\n\n    return x + 1\n')
+    assert C.code_fingerprint(("m",), tmp_path / "m2") == base
+    (tmp_path / "m3").mkdir()
+    (tmp_path / "m3" / "m.py").write_text('def f(x):\n    """Doc."""\n    return x + 2  # add one\n')
+    assert C.code_fingerprint(("m",), tmp_path / "m3") != base
+
+
+def test_edited_library_code_misses(tmp_path, monkeypatch):
+    calls = []
+    C.cached_run(C.run_key(a=1), _fn(calls), root=tmp_path)
+    monkeypatch.setattr(C, "code_fingerprint", lambda *a, **k: "edited")
+    C.cached_run(C.run_key(a=1), _fn(calls), root=tmp_path)
     assert len(calls) == 2
 
 
-def test_force_recomputes(tmp_path):
-    calls = []
-    C.cached_run({"a": 1}, _fn(calls, 1.0), root=tmp_path)
-    r = C.cached_run({"a": 1}, _fn(calls, 2.0), root=tmp_path, force=True)
-    assert not r.hit and r.history == {"acc": [2.0]}
-    assert C.cached_run({"a": 1}, _fn(calls, 3.0), root=tmp_path).history == {"acc": [2.0]}
-
-
 def test_interrupted_run_leaves_no_complete_entry_and_keeps_scratch(tmp_path):
-    seen = []
+    key = C.run_key(b=2)
 
     def failing(scratch):
         (scratch / "ckpt.pt").write_text("partial")
-        seen.append(scratch)
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        C.cached_run({"b": 2}, failing, root=tmp_path)
-    key = C.config_hash({"b": 2})
-    assert not (tmp_path / key).exists()
-    assert (tmp_path / f"{key}.partial" / "ckpt.pt").is_file()  # resume material survives
+        C.cached_run(key, failing, root=tmp_path)
+    h = C.key_hash(key)
+    assert not (tmp_path / h).exists()
+    assert (tmp_path / f"{h}.partial" / "ckpt.pt").is_file()  # resume material survives
 
     def resume(scratch):
         assert (scratch / "ckpt.pt").read_text() == "partial"
         return {"ok": True}, {}
 
-    r = C.cached_run({"b": 2}, resume, root=tmp_path)
-    assert r.history == {"ok": True} and not (tmp_path / f"{key}.partial").exists()
+    r = C.cached_run(key, resume, root=tmp_path)
+    assert r.history == {"ok": True} and not (tmp_path / f"{h}.partial").exists()
+
+
+def test_committed_results_are_consulted_and_recompute_only_for_weights(tmp_path, monkeypatch):
+    monkeypatch.setenv("RESULTS_DIR", str(tmp_path / "results"))
+    calls = []
+    key = C.run_key(c=3)
+    C.cached_run(key, _fn(calls), root=tmp_path / "gpu", export="figX")
+    assert (tmp_path / "results" / "figX" / f"{C.key_hash(key)}.json").is_file()
+    r = C.cached_run(key, _fn(calls, 5.0), root=tmp_path / "laptop")  # empty local cache
+    assert r.source == "results" and r.history == {"acc": [1.0]} and len(calls) == 1
+    assert torch.equal(r.states["w"], torch.full((2,), 5.0)) and len(calls) == 2  # weights: recomputed once
+    assert C.cached_run(key, _fn(calls), root=tmp_path / "laptop").source == "cache" and len(calls) == 2
+
+
+# ---------------------------------------------------------------- cached_train: the run's own key
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    d = fake_cifar10(128, seed=0)
+    return standardized(d)[0], d.y_train
+
+
+def _train(tiny, x=None, model=None, **over):
+    args = {**dict(steps=3, batch_size=32, data_seed=0), **over}
+    model = model or spec("two_layer_cnn", filters=4, hidden=8, seed=0)
+    return cached_train(model, tiny[0] if x is None else x, tiny[1], dev=torch.device("cpu"), **args)
+
+
+def test_cached_train_keys_on_every_defining_value(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("RUNS_DIR", str(tmp_path))
+    first = _train(tiny)
+    assert not first.hit
+    assert _train(tiny).hit
+    assert _train(tiny, lr=0.01).hit  # the default, spelled out: same run
+    for change in (
+        dict(model=spec("two_layer_cnn", filters=4, hidden=9, seed=0)),  # an argument "omitted" before
+        dict(model=spec("two_layer_cnn", filters=4, hidden=8, seed=1)),
+        dict(steps=4),
+        dict(data_seed=1),
+        dict(x=tiny[0] + 1e-6),
+    ):
+        assert not _train(tiny, **change).hit, change
+
+
+def test_asking_for_more_seeds_reuses_the_runs_already_made(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("RUNS_DIR", str(tmp_path))
+    runs = lambda seeds: [
+        _train(tiny, model=spec("two_layer_cnn", filters=4, hidden=8, seed=s))  # noqa: E731
+        for s in seeds
+    ]
+    runs([0, 1])
+    assert [r.hit for r in runs([0, 1, 2])] == [True, True, False]
+
+
+def test_probe_contents_are_part_of_the_key(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("RUNS_DIR", str(tmp_path))
+    eye = torch.eye(27, dtype=torch.float64)
+    p1 = FirstLayerMisalignment({"data": eye}, every=1)
+    p2 = FirstLayerMisalignment({"data": eye.flip(1)}, every=1)
+    assert not _train(tiny, model=spec("two_layer_cnn", filters=32, hidden=8, seed=0), probes=[p1]).hit
+    assert _train(tiny, model=spec("two_layer_cnn", filters=32, hidden=8, seed=0), probes=[p1]).hit
+    assert not _train(tiny, model=spec("two_layer_cnn", filters=32, hidden=8, seed=0), probes=[p2]).hit

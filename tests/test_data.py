@@ -6,7 +6,6 @@ import torch
 
 from common import data as D
 
-
 ROWS = 20
 
 
@@ -51,7 +50,7 @@ def test_loader_reads_both_pickle_styles(tmp_path, small_rows, py2):
     raw2, lab2 = arrays["data_batch_2"]
     r = 7
     assert d.x_train[ROWS + r, 1, 3, 5].item() == raw2[r, 1024 + 3 * 32 + 5]
-    assert torch.equal(d.y_train[ROWS:2 * ROWS], torch.as_tensor(lab2))
+    assert torch.equal(d.y_train[ROWS : 2 * ROWS], torch.as_tensor(lab2))
     assert d.classes[0] == "airplane" and len(d.classes) == 10
 
 
@@ -80,6 +79,21 @@ def test_missing_batch_file_is_named(tmp_path, small_rows):
     (folder / "data_batch_4").unlink()
     with pytest.raises(D.CifarFileError, match="data_batch_4"):
         D.load_cifar10(tmp_path, download=False)
+
+
+def test_damaged_folder_is_fetched_again_when_download_is_allowed(tmp_path, small_rows, monkeypatch):
+    folder, _ = _make_folder(tmp_path, True, np.random.default_rng(2))
+    (folder / "data_batch_2").write_bytes(b"truncated")
+    fetched = []
+
+    def fake_download(root):  # what the real download does: extract complete files over the old ones
+        fetched.append(root)
+        _write_batch(folder / "data_batch_2", np.zeros((ROWS, 3072), np.uint8), [1] * ROWS, True)
+
+    monkeypatch.setattr(D, "_download", fake_download)
+    d = D.load_cifar10(tmp_path, download=True)
+    assert fetched == [tmp_path] and d.x_train.shape[0] == 5 * ROWS
+    assert (d.y_train[ROWS : 2 * ROWS] == 1).all()
 
 
 def test_truncated_batch_file_is_named(tmp_path, small_rows):

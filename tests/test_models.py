@@ -15,13 +15,16 @@ def test_parameter_counts():
     assert n_params(M.two_layer_fc(30, 2048, 256)) == 30 * 2048 + 2048 + 2048 * 256 + 256 + 2570
 
 
-@pytest.mark.parametrize("make,shape", [
-    (lambda: M.vgg16(width=0.125), (4, 3, 32, 32)),
-    (lambda: M.vgg16(width=0.125, late_width=2.0, num_classes=7), (4, 3, 32, 32)),
-    (lambda: M.wrn(depth=10, widen=1), (4, 3, 32, 32)),
-    (lambda: M.two_layer_cnn(filters=16, num_classes=5), (4, 3, 32, 32)),
-    (lambda: M.two_layer_fc(10, 32, 16), (4, 10)),
-])
+@pytest.mark.parametrize(
+    "make,shape",
+    [
+        (lambda: M.vgg16(width=0.125), (4, 3, 32, 32)),
+        (lambda: M.vgg16(width=0.125, late_width=2.0, num_classes=7), (4, 3, 32, 32)),
+        (lambda: M.wrn(depth=10, widen=1), (4, 3, 32, 32)),
+        (lambda: M.two_layer_cnn(filters=16, num_classes=5), (4, 3, 32, 32)),
+        (lambda: M.two_layer_fc(10, 32, 16), (4, 10)),
+    ],
+)
 def test_output_shapes(make, shape):
     model = make()
     out = model(torch.randn(shape))

@@ -1,10 +1,31 @@
-"""Every notebook is committed without outputs and runs top to bottom with the smoke preset."""
+"""Every notebook is committed without outputs, shows its committed figure, and runs top to bottom
+with the smoke preset, writing a figure and a claims table whose every value is finite."""
+
 import json
+import math
+import re
 from pathlib import Path
 
 import pytest
 
-NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("[0-9]*.ipynb"))
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9]*.ipynb"))
+# the claims each notebook must judge (name prefixes), so a silently dropped check fails a test
+EXPECTED = {
+    "02_misalignment": ["real labels: M(data eigvecs) / M(random basis)", "random labels: M(random basis) growth"],
+    "04_eigenvalue_mapping": [
+        "FC left: f decreasing",
+        "FC right: f increasing",
+        "CNN random: max f / init at epoch",
+        "CNN real: smallest ratio",
+    ],
+    "05_transfer_variants": [
+        "upstream train accuracy",
+        "real: covariance - scratch",
+        "random: pretrained - scratch",
+        "real: no rescaling - pretrained",
+    ],
+}
 
 
 def test_there_are_notebooks():
@@ -12,27 +33,40 @@ def test_there_are_notebooks():
 
 
 @pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: p.stem)
-def test_committed_without_outputs_and_with_parameters_cell(nb):
+def test_committed_without_outputs_with_parameters_and_figure_link(nb):
     doc = json.loads(nb.read_text())
     code = [c for c in doc["cells"] if c["cell_type"] == "code"]
     assert all(not c.get("outputs") and not c.get("execution_count") for c in code)
     params = [c for c in code if "parameters" in c.get("metadata", {}).get("tags", [])]
     assert len(params) == 1 and 'PRESET = "auto"' in "".join(params[0]["source"])
-    assert doc["cells"][0]["cell_type"] == "markdown" and "Departures from the paper" in "".join(doc["cells"][0]["source"])
+    head = "".join(doc["cells"][0]["source"])
+    assert doc["cells"][0]["cell_type"] == "markdown" and "Departures from the paper" in head
+    links = re.findall(r"!\[[^\]]*\]\(\.\./(figures/[^)]+)\)", head)
+    assert links and all((ROOT / link).is_file() for link in links), links
+    assert "../shared" not in nb.read_text() and "SPEC" not in head and "FINDINGS" not in head
 
 
 @pytest.mark.notebook
 @pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: p.stem)
 def test_smoke_run_writes_figure_and_claims(nb, tmp_path):
-    import papermill as pm
+    from common.notebooks import run_notebook
+
     figs = tmp_path / "figures"
-    pm.execute_notebook(str(nb), str(tmp_path / nb.name), parameters={"PRESET": "smoke", "FIG_DIR": str(figs)},
-                        cwd=str(nb.parent), progress_bar=False, kernel_name="python3")
-    claims = sorted(figs.glob("*.smoke.json"))
+    row = run_notebook(nb, "smoke", figs, tmp_path / "out")
+    assert row["error"] is None, row["error"]
+    claims = sorted(figs.glob("*.smoke*.json"))
     assert claims, f"{nb.name} wrote no claims JSON"
+    names = []
     for js in claims:
         doc = json.loads(js.read_text())
-        assert doc["preset"] == "smoke" and doc["claims"] and "environment" in doc
-        stem = js.name[: -len(".smoke.json")]
-        assert (figs / f"{stem}.smoke.png").stat().st_size > 10_000
-        assert (figs / f"{stem}.smoke.pdf").is_file()
+        assert doc["preset"] == "smoke" and doc["claims"] and "environment" in doc and doc["wall_s"] > 0
+        for c in doc["claims"]:
+            assert c["status"] in ("PASS", "FAIL", "REPORT")
+            if c["status"] != "REPORT":
+                assert math.isfinite(c["value"]), c
+            names.append(c["claim"])
+        stem = js.name[: -len(".json")]
+        assert (figs / f"{stem}.png").stat().st_size > 10_000
+        assert (figs / f"{stem}.pdf").is_file()
+    for prefix in EXPECTED.get(nb.stem, []):
+        assert any(n.startswith(prefix) for n in names), (prefix, names)

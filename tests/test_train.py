@@ -36,8 +36,18 @@ def test_training_lowers_the_loss_and_history_is_json(small):
     x, y, xt, yt = small
     model = _model()
     loss0, _ = evaluate(model, x, y)
-    hist = train(model, x, y, steps=120, lr=0.01, batch_size=64, eval_sets={"train": (x, y), "test": (xt, yt)},
-                 eval_every=40, log_every=10, dev=torch.device("cpu"))
+    hist = train(
+        model,
+        x,
+        y,
+        steps=120,
+        lr=0.01,
+        batch_size=64,
+        eval_sets={"train": (x, y), "test": (xt, yt)},
+        eval_every=40,
+        log_every=10,
+        dev=torch.device("cpu"),
+    )
     loss1, acc1 = evaluate(model, x, y)
     assert loss1 < 0.5 * loss0
     assert hist["eval"]["step"] == [0, 40, 80, 120]
@@ -59,8 +69,15 @@ def test_epoch_budget_and_callbacks(small):
     assert hist["steps"] == math.ceil(1.5 * 256 / 100)  # 4
     assert calls == [0, 2, 4] and hist["callbacks"]["step"] == [0, 2, 4]
     assert len(hist["callbacks"]["w_norm"]) == 3
-    listed = train(_model(), x, y, steps=7, batch_size=100, dev=torch.device("cpu"),
-                   callbacks=[([3, 5], lambda m, s: {"v": [s, 2 * s]})])
+    listed = train(
+        _model(),
+        x,
+        y,
+        steps=7,
+        batch_size=100,
+        dev=torch.device("cpu"),
+        callbacks=[([3, 5], lambda m, s: {"v": [s, 2 * s]})],
+    )
     assert listed["callbacks"]["step"] == [0, 3, 5, 7] and listed["callbacks"]["v"][1] == [3.0, 6.0]
 
 
@@ -97,3 +114,12 @@ def test_resume_after_interruption_gives_the_same_result(small, tmp_path):
     hist = train(resumed, x, y, checkpoint_path=ckpt, checkpoint_every=10, **kw)
     assert all(torch.equal(p, q) for p, q in zip(ref.parameters(), resumed.parameters()))
     assert hist["train"] == ref_hist["train"]
+
+
+def test_checkpoints_follow_wall_time_by_default(small, tmp_path):
+    x, y, _, _ = small
+    ckpt = tmp_path / "ckpt.pt"
+    train(_model(), x, y, steps=5, batch_size=32, checkpoint_path=ckpt, dev=torch.device("cpu"))
+    assert not ckpt.exists()  # a short run writes none (default: every 300 s)
+    train(_model(), x, y, steps=5, batch_size=32, checkpoint_path=ckpt, checkpoint_every_s=0.0, dev=torch.device("cpu"))
+    assert ckpt.is_file()

@@ -28,8 +28,11 @@ def test_rescale_to_reference_restores_norms(bias):
         assert torch.isclose(w.norm(), ref[f"{name}.weight"].norm(), rtol=1e-6)
         assert np.isclose(factors[name], (ref[f"{name}.weight"].norm() / before[f"{name}.weight"].norm()).item())
         b = model.get_submodule(name).bias
-        expect = {"zero": torch.zeros_like(b), "keep": before[f"{name}.bias"],
-                  "scale": before[f"{name}.bias"] * factors[name]}[bias]
+        expect = {
+            "zero": torch.zeros_like(b),
+            "keep": before[f"{name}.bias"],
+            "scale": before[f"{name}.bias"] * factors[name],
+        }[bias]
         assert torch.allclose(b, expect)
     with pytest.raises(ValueError):
         T.rescale_to_reference(model, ref, bias="drop")
@@ -109,5 +112,67 @@ def test_layerwise_transfer_first_layer_follows_data_eigenvector():
 
 def test_layerwise_transfer_needs_feature_stack():
     with pytest.raises(TypeError):
-        T.layerwise_covariance_transfer(M.two_layer_fc(4, 8, 8), M.two_layer_fc(4, 8, 8),
-                                        torch.randn(5, 4), 1, torch.Generator())
+        T.layerwise_covariance_transfer(
+            M.two_layer_fc(4, 8, 8), M.two_layer_fc(4, 8, 8), torch.randn(5, 4), 1, torch.Generator()
+        )
+
+
+def test_covariance_init_matches_the_second_moment_monte_carlo():
+    g = np.random.default_rng(0)
+    src = g.normal(size=(64, 6)) @ g.normal(size=(6, 6))  # anisotropic "pretrained" filters
+    target = src.T @ src / len(src)  # the uncentred second moment, computed independently in numpy
+    layer = torch.nn.Linear(6, 100_000)
+    with torch.no_grad():
+        layer.bias.fill_(3.0)
+    T.covariance_init(layer, torch.tensor(src), torch.Generator().manual_seed(1))
+    W = layer.weight.detach().double().numpy()
+    assert np.allclose(W.mean(0), 0, atol=0.02 * np.sqrt(np.diag(target)).max())  # mean 0
+    assert np.allclose(W.T @ W / len(W), target, atol=0.02 * np.abs(target).max())
+    assert torch.all(layer.bias == 0)
+
+
+def test_random_eigenbasis_init_keeps_the_spectrum_but_not_the_eigenvectors():
+    g = np.random.default_rng(1)
+    vals = np.array([9.0, 4.0, 1.0, 0.25])
+    src = g.normal(size=(400, 4)) * np.sqrt(vals)  # eigenvectors = coordinate axes
+    layer = torch.nn.Linear(4, 200_000)
+    T.random_eigenbasis_init(layer, torch.tensor(src), torch.Generator().manual_seed(2), basis_seed=3)
+    W = layer.weight.detach().double().numpy()
+    got_vals, got_vecs = np.linalg.eigh(W.T @ W / len(W))
+    ref_vals = np.linalg.eigvalsh(src.T @ src / len(src))
+    assert np.allclose(got_vals, ref_vals, rtol=0.03)
+    assert np.abs(got_vecs).max(0).min() < 0.95  # some eigenvector is far from every axis
+
+
+def test_variants_build_what_their_names_say():
+    from common.cache import CachedResult
+
+    net = M.two_layer_cnn(filters=8, hidden=16, seed=0)
+    init = {k: v.clone() for k, v in net.state_dict().items()}
+    trained = _trained_like(net).state_dict()
+    up = CachedResult({"parts": {}, "code": "x", "version": "0"}, {}, {"init": init, "trained": trained}, ".", "cache")
+
+    def build(name):
+        return T.Variant(name, up, seed=0).apply(M.two_layer_cnn(filters=8, hidden=16, seed=5))
+
+    fresh = M.two_layer_cnn(filters=8, hidden=16, seed=5)
+    pre = build("pretrained")
+    assert torch.isclose(pre.conv.weight.norm(), init["conv.weight"].norm())
+    assert torch.allclose(
+        pre.conv.weight / pre.conv.weight.norm(), trained["conv.weight"] / trained["conv.weight"].norm()
+    )
+    assert torch.all(pre.conv.bias == 0) and torch.equal(pre.fc.weight, fresh.fc.weight)
+    nr = build("no rescaling")
+    assert torch.equal(nr.conv.weight, trained["conv.weight"]) and torch.equal(nr.conv.bias, trained["conv.bias"])
+    kept = build("pretrained, bias kept")
+    assert torch.equal(kept.conv.bias, trained["conv.bias"])
+    both = build("pretrained + FC")
+    assert torch.isclose(both.fc.weight.norm(), init["fc.weight"].norm()) and torch.equal(
+        both.head.weight, fresh.head.weight
+    )
+    cov = build("covariance")
+    assert not torch.allclose(cov.conv.weight, pre.conv.weight) and torch.all(cov.conv.bias == 0)
+    assert torch.equal(cov.fc.weight, fresh.fc.weight)
+    assert T.Variant("covariance", up, 0).key() == {"variant": "covariance", "seed": 0, "upstream": up.hash}
+    with pytest.raises(ValueError):
+        T.Variant("from scratch", up, 0)
