@@ -1,13 +1,16 @@
 """Training throughput of the engine (common.train) against two baselines, in images/s.
 
-    python benchmarks/throughput.py [--models cnn fc vgg16 wrn] [--steps 10] [--batch 256]
+    python benchmarks/throughput.py [--models cnn fc vgg16 wrn] [--steps N] [--warm N] [--repeats 2]
 
 - naive: fp32, NCHW, torch DataLoader over a uint8 Dataset with per-sample conversion and
   normalisation (what a straightforward PyTorch script does; 4 workers on CUDA, 0 on the CPU);
-- bare: fp32 loop over index slices of the same pre-standardised tensors (CPU reference; the
-  engine must be within 10% of it on the CPU);
-- engine: common.train.train (on CUDA: GPU-resident data, bf16 autocast, channels_last).
-Synthetic CIFAR-shaped data; steady state (warm-up steps are not timed).
+- bare: fp32 loop over index slices of the same pre-standardised tensors (CPU reference);
+- engine: common.train.train (on CUDA: GPU-resident data, bf16 autocast, channels_last), timed
+  from the end of the warm-up to the end of the run (model, optimiser and data setup excluded);
+- protocol (2-layer CNN): the engine running Figure 2's protocol, misalignment probe every 10 steps
+  and full-set evaluation every 100, so the cost of measurements is visible.
+Synthetic CIFAR-shaped data; the same cuDNN settings for every path; each row is the mean of
+``--repeats`` runs with the range below it.
 """
 
 import argparse
@@ -18,6 +21,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from common import models as M
+from common.probes import FirstLayerMisalignment
 from common.train import device, train
 
 MODELS = {
@@ -96,44 +100,85 @@ def bare(make, x, y, steps, warm, batch, dev):
     return steps * batch / (time.time() - t0)
 
 
-def engine(make, x, y, steps, warm, batch, dev):
-    model = make()
-    train(model, x, y, steps=warm, batch_size=batch, dev=dev, desc="warm-up")
+def engine(make, x, y, steps, warm, batch, dev, probes=(), eval_every=None):
+    """The engine; timed from the end of warm-up step ``warm`` to the end of the run (setup excluded).
+    With ``probes`` / ``eval_every`` it times a notebook's protocol: training, probes and full-set
+    evaluation together."""
+    marks = {}
+
+    def clock(model, step):
+        _sync(dev)
+        marks[step] = time.time()
+        return {}
+
+    train(
+        make(),
+        x,
+        y,
+        steps=warm + steps,
+        batch_size=batch,
+        dev=dev,
+        desc="engine",
+        log_every=50,
+        callbacks=[([warm], clock), *[(p.every, p) for p in probes]],
+        eval_sets={"train": (x, y)} if eval_every else None,
+        eval_every=eval_every,
+    )
     _sync(dev)
-    t0 = time.time()
-    train(model, x, y, steps=steps, batch_size=batch, dev=dev, desc="engine", log_every=10**9)
-    _sync(dev)
-    return steps * batch / (time.time() - t0)
+    return steps * batch / (time.time() - marks[warm])
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["cnn", "fc"], choices=list(MODELS))
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--warm", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=None, help="timed steps (default 200 on CUDA, 20 on the CPU)")
+    ap.add_argument("--warm", type=int, default=None, help="warm-up steps (default 20 on CUDA, 3 on the CPU)")
+    ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--n", type=int, default=10_000, help="synthetic images")
     args = ap.parse_args()
     dev = device()
+    cuda = dev.type == "cuda"
+    steps = args.steps or (200 if cuda else 20)
+    warm = args.warm or (20 if cuda else 3)
+    if cuda:
+        torch.backends.cudnn.benchmark = True  # the same cuDNN setting for every path
     g = torch.Generator().manual_seed(0)
     x8 = torch.randint(0, 256, (args.n, 3, 32, 32), dtype=torch.uint8, generator=g)
     y = torch.randint(10, (args.n,), generator=g)
     x = (x8.float() / 255 - 0.47) / 0.25
-    name = torch.cuda.get_device_name(0) if dev.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"device: {name}; torch {torch.__version__}; batch {args.batch}; {args.steps} timed steps")
+    name = torch.cuda.get_device_name(0) if cuda else f"CPU, {torch.get_num_threads()} threads"
     print(
-        f"{'model':8} {'naive img/s':>12} {'bare img/s':>11} {'engine img/s':>13} "
-        f"{'engine/naive':>13} {'engine/bare':>12}"
+        f"device: {name}; torch {torch.__version__}; batch {args.batch}; {warm} warm-up + {steps} timed steps; "
+        f"{args.repeats} repeats (mean, and the range over repeats)"
+    )
+    print(
+        f"{'model':8} {'naive img/s':>12} {'bare img/s':>11} {'engine img/s':>13} {'engine/naive':>13} "
+        f"{'engine/bare':>12} {'protocol img/s':>15}"
     )
     for key in args.models:
         make = MODELS[key]
-        r_naive = naive(make, x8, y, args.steps, args.warm, args.batch, dev)
-        r_bare = bare(make, x, y, args.steps, args.warm, args.batch, dev)
-        r_eng = engine(make, x, y, args.steps, args.warm, args.batch, dev)
+        rows = []
+        for _ in range(args.repeats):
+            r = [
+                naive(make, x8, y, steps, warm, args.batch, dev),
+                bare(make, x, y, steps, warm, args.batch, dev),
+                engine(make, x, y, steps, warm, args.batch, dev),
+            ]
+            if key == "cnn":  # Figure 2's protocol: misalignment every 10 steps, full-set evaluation every 100
+                eye = torch.eye(27, dtype=torch.float64)
+                probe = FirstLayerMisalignment({"data": eye, "random": eye.flip(1)}, every=10)
+                r.append(engine(make, x, y, steps, warm, args.batch, dev, probes=[probe], eval_every=100))
+            rows.append(r)
+        mean = [sum(c) / len(c) for c in zip(*rows)]
+        spread = [f"({min(col):.0f}-{max(col):.0f})" for col in zip(*rows)]
+        proto = f"{mean[3]:.0f} {spread[3]}" if len(mean) > 3 else "-"
         print(
-            f"{key:8} {r_naive:12.0f} {r_bare:11.0f} {r_eng:13.0f} {r_eng / r_naive:12.2f}x {r_eng / r_bare:11.2f}x",
+            f"{key:8} {mean[0]:12.0f} {mean[1]:11.0f} {mean[2]:13.0f} {mean[2] / mean[0]:12.2f}x "
+            f"{mean[2] / mean[1]:11.2f}x {proto:>15}",
             flush=True,
         )
+        print(f"{'':8} {spread[0]:>12} {spread[1]:>11} {spread[2]:>13}", flush=True)
 
 
 if __name__ == "__main__":

@@ -133,3 +133,38 @@ def test_misalignment_floor_matches_simulation_and_table():
     B = A.random_orthonormal_basis(27, seed=6).numpy()
     sims = [_numpy_misalignment(np.cov(rng.normal(size=(256, 27)), rowvar=False), B) for _ in range(60)]
     assert abs(np.mean(sims) - floor) < 0.1
+
+
+def test_match_eigenvectors_against_numpy():
+    rng = np.random.default_rng(5)
+    d = 8
+    V, _ = np.linalg.qr(rng.normal(size=(d, d)))  # "data" eigenvectors
+    perm = [3, 0, 5, 1, 2, 4, 6, 7]  # Sigma_w's top directions are data directions 3, 0, 5, ...
+    S = sum((10.0 - i) * np.outer(V[:, p], V[:, p]) for i, p in enumerate(perm))
+    out = A.match_eigenvectors(torch.tensor(S), torch.tensor(V), k=4)
+    assert out["data_index"].tolist() == perm[:4]
+    assert np.allclose(out["abs_cos"].numpy(), 1.0)
+    # a loop reference on a generic matrix
+    S2 = rng.normal(size=(d, d))
+    S2 = S2 @ S2.T
+    w, U = np.linalg.eigh(S2)
+    U = U[:, ::-1]
+    got = A.match_eigenvectors(torch.tensor(S2), torch.tensor(V), k=3)
+    for j in range(3):
+        cos = [abs(U[:, j] @ V[:, i]) for i in range(d)]
+        assert got["data_index"][j] == int(np.argmax(cos)) and np.isclose(got["abs_cos"][j], max(cos))
+
+
+def test_matching_null_is_the_max_coordinate_of_random_unit_vectors():
+    null = A.matching_null(n_filters=300, d=75, k=3, n_draws=100, seed=0)
+    rng = np.random.default_rng(1)  # independent reference: Haar-random unit vectors
+    u = rng.normal(size=(20_000, 75))
+    ref = np.abs(u / np.linalg.norm(u, axis=1, keepdims=True)).max(1)
+    assert abs(null.mean().item() - ref.mean()) < 0.02
+    assert abs(np.quantile(null.numpy(), 0.99) - np.quantile(ref, 0.99)) < 0.06
+
+
+def test_top_component_mass():
+    V = torch.eye(4, dtype=torch.float64)
+    W = torch.tensor([[0.0, 2.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]], dtype=torch.float64)
+    assert torch.allclose(A.top_component_mass(W, V), torch.tensor([1.0, 0.25], dtype=torch.float64))
