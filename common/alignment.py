@@ -163,3 +163,40 @@ def aligned_part(sigma_w, data_evecs) -> torch.Tensor:
     V = torch.as_tensor(data_evecs, dtype=torch.float64)
     f = transfer_function(sigma_w, V)
     return (V * f**2) @ V.T
+
+
+def match_eigenvectors(sigma_w, data_evecs, k: int = 10) -> dict:
+    """For each of the top-``k`` eigenvectors u_j of ``sigma_w (d, d)`` (largest eigenvalue first),
+    the data eigenvector it is closest to (Figure 3's quantitative companion).
+
+    ``data_evecs (d, d)``: the data eigenvectors as columns, largest eigenvalue first. Returns
+    ``{"w_evals": (k,), "w_evecs": (d, k), "data_index": (k,) int64, "abs_cos": (k,) float64}``:
+    ``data_index[j] = argmax_i |u_j . v_i|`` (0 = the data's top direction) and ``abs_cos[j]`` that
+    maximum. The order of ``data_index`` need not be 0, 1, 2, ...: f is not monotonic."""
+    vals, vecs = eigh_desc(sigma_w)
+    V = torch.as_tensor(data_evecs, dtype=torch.float64)
+    cos = (V.T @ vecs[:, :k]).abs()  # (d, k)
+    best, idx = cos.max(0)
+    return {"w_evals": vals[:k], "w_evecs": vecs[:, :k], "data_index": idx, "abs_cos": best}
+
+
+def matching_null(n_filters: int, d: int, k: int = 10, n_draws: int = 200, seed: int = 0) -> torch.Tensor:
+    """Null distribution of :func:`match_eigenvectors`' ``abs_cos`` when the ``n_filters`` pooled
+    filters are isotropic Gaussian (no alignment at all): ``(n_draws, k) float64``, the best |cos|
+    of each of the top-``k`` eigenvectors of their second moment with a fixed orthonormal basis.
+    By rotation invariance the basis can be the identity."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(n_draws, n_filters, d, generator=g, dtype=torch.float64)
+    _, vecs = torch.linalg.eigh(W.transpose(1, 2) @ W / n_filters)  # ascending eigenvalues, batched
+    top = vecs.flip(2)[:, :, :k]  # (n_draws, d, k), largest eigenvalue first
+    return top.abs().max(1).values
+
+
+def top_component_mass(W: torch.Tensor, data_evecs) -> torch.Tensor:
+    """For each filter (row of ``W (m, d)``) the fraction of its squared norm along its largest data
+    direction: ``max_i (v_i . w)^2 / |w|^2``, ``(m,) float64``. 1 for a filter that is one data
+    eigenvector; about ``2 ln(d) / d`` for a random direction in d dimensions."""
+    W = torch.as_tensor(W, dtype=torch.float64)
+    V = torch.as_tensor(data_evecs, dtype=torch.float64)
+    proj = (W @ V) ** 2
+    return proj.max(1).values / proj.sum(1)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Dict, Sequence, Union
 
 import torch
+from torch import nn
 
 from . import alignment as A
 from .models import first_layer
@@ -72,3 +73,46 @@ class FirstLayerFilters(Probe):
 
     def __call__(self, model, step):
         return {"W": A.filter_matrix(first_layer(model)).flatten().tolist()}
+
+
+@torch.no_grad()
+def relu_activity(model: nn.Module, x: torch.Tensor, batch_size: int = 500) -> Dict[str, list]:
+    """Per ReLU layer, how much of it fires on the inputs ``x (N, ...)`` (the paper's Section 3:
+    units stop firing on new data after random-label pre-training).
+
+    Returns ``{"active_fraction": [...], "dead_channels": [...]}``, one float per ``nn.ReLU`` module
+    in forward order: the fraction of activations ``a[n, c, h, w] > 0`` over all inputs and positions,
+    and the fraction of channels (or units) that are 0 for every input and position. Runs in eval
+    mode on the model's device; the model's mode is restored."""
+    relus = [m for m in model.modules() if isinstance(m, nn.ReLU)]
+    dev = next(model.parameters()).device
+    pos = [0.0] * len(relus)
+    total = [0] * len(relus)
+    alive = [None] * len(relus)
+    current = {}
+
+    def hook(i):
+        def fn(module, inputs, output):
+            o = output.float()
+            pos[i] += float((o > 0).sum())
+            total[i] += o.numel()
+            fired = (o > 0).flatten(2).any(2).any(0) if o.dim() > 2 else (o > 0).any(0)
+            alive[i] = fired if alive[i] is None else (alive[i] | fired)
+            current[i] = True
+
+        return fn
+
+    handles = [r.register_forward_hook(hook(i)) for i, r in enumerate(relus)]
+    was_training = model.training
+    model.eval()
+    try:
+        for s in range(0, len(x), batch_size):
+            model(x[s : s + batch_size].to(dev))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return {
+        "active_fraction": [p / t for p, t in zip(pos, total)],
+        "dead_channels": [1.0 - float(a.float().mean()) for a in alive],
+    }

@@ -214,7 +214,10 @@ class Variant:
     - ``"covariance"``: :func:`covariance_init` from the rescaled pretrained first layer;
     - ``"pretrained + FC"``: every layer but the head copied and rescaled, biases 0;
     - ``"pretrained, bias kept"``: as "pretrained" with the trained bias next to the rescaled weights;
-    - ``"random-eigenbasis Gaussian"``: :func:`random_eigenbasis_init` from the rescaled first layer.
+    - ``"random-eigenbasis Gaussian"``: :func:`random_eigenbasis_init` from the rescaled first layer;
+    - ``"all but head"``: every layer but the head copied as trained, biases as trained (Figure 1);
+    - ``"all but head, rescaled"``: every layer but the head copied, each weight tensor rescaled to
+      its initial norm, biases 0 (Figure 1: "even after accounting for weight scaling").
 
     Every other layer keeps the fresh network's init; the head is always fresh. ``key()`` names the
     upstream run by its cache hash, so a downstream run's key changes whenever its upstream does.
@@ -227,6 +230,8 @@ class Variant:
         "pretrained + FC",
         "pretrained, bias kept",
         "random-eigenbasis Gaussian",
+        "all but head",
+        "all but head, rescaled",
     )
 
     def __init__(self, name: str, upstream, seed: int):
@@ -241,7 +246,8 @@ class Variant:
     def apply(self, model: nn.Module) -> nn.Module:
         init, trained = self.upstream.states["init"], self.upstream.states["trained"]
         source = copy.deepcopy(model)
-        source.load_state_dict(trained)
+        own = source.state_dict()  # the upstream head may have another number of classes: never copied
+        source.load_state_dict({k: v for k, v in trained.items() if k in own and own[k].shape == v.shape}, strict=False)
         first = type(model).FIRST
         if self.name == "no rescaling":
             transplant(source, model, [first], bias="keep")
@@ -249,9 +255,12 @@ class Variant:
             transplant(source, model, [first], reference_state=init, bias="zero")
         elif self.name == "pretrained, bias kept":
             transplant(source, model, [first], reference_state=init, bias="keep")
-        elif self.name == "pretrained + FC":
+        elif self.name in ("pretrained + FC", "all but head, rescaled"):
             layers = [n for n in weight_layers(model) if n != type(model).HEAD]
             transplant(source, model, layers, reference_state=init, bias="zero")
+        elif self.name == "all but head":
+            layers = [n for n in weight_layers(model) if n != type(model).HEAD]
+            transplant(source, model, layers, bias="keep")
         else:
             rescale_to_reference(source, init, [first], bias="zero")
             W = filter_matrix(source.get_submodule(first))

@@ -85,3 +85,23 @@ def test_replace_classifier_fresh_head_same_rule():
     assert torch.count_nonzero(new.bias) == 0
     assert abs(new.weight.std().item() / (0.5 * math.sqrt(2 / 64)) - 1) < 0.35
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 3)
+
+
+def test_relu_activity_against_a_hand_loop():
+    from common.probes import relu_activity
+
+    net = M.vgg16(width=0.125, seed=0)
+    with torch.no_grad():
+        net.features[0].bias.fill_(-0.3)  # make some units silent
+    x = torch.randn(40, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    got = relu_activity(net, x, batch_size=16)
+    acts, h = [], x
+    for mod in net.features:  # explicit forward, collecting every ReLU output
+        h = mod(h)
+        if isinstance(mod, torch.nn.ReLU):
+            acts.append(h.detach())
+    assert len(got["active_fraction"]) == len(acts) == 13
+    for a, frac, dead in zip(acts, got["active_fraction"], got["dead_channels"]):
+        assert abs(frac - (a > 0).float().mean().item()) < 1e-6
+        per_channel = (a > 0).permute(1, 0, 2, 3).flatten(1).any(1)
+        assert abs(dead - (1 - per_channel.float().mean().item())) < 1e-6

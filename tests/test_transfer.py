@@ -176,3 +176,22 @@ def test_variants_build_what_their_names_say():
     assert T.Variant("covariance", up, 0).key() == {"variant": "covariance", "seed": 0, "upstream": up.hash}
     with pytest.raises(ValueError):
         T.Variant("from scratch", up, 0)
+
+
+def test_all_but_head_variants_on_vgg():
+    net = M.vgg16(width=0.125, num_classes=50, seed=0)  # upstream head: 50 random classes
+    init = {k: v.clone() for k, v in net.state_dict().items()}
+    trained = _trained_like(net).state_dict()
+    from common.cache import CachedResult
+
+    up = CachedResult({"parts": {}, "code": "x", "version": "0"}, {}, {"init": init, "trained": trained}, ".", "cache")
+    fresh = M.vgg16(width=0.125, seed=3)
+    raw = T.Variant("all but head", up, 0).apply(M.vgg16(width=0.125, seed=3))
+    res = T.Variant("all but head, rescaled", up, 0).apply(M.vgg16(width=0.125, seed=3))
+    for name in T.weight_layers(fresh):
+        if name == "head":
+            assert torch.equal(raw.head.weight, fresh.head.weight) and torch.equal(res.head.weight, fresh.head.weight)
+            continue
+        w_raw, w_res = raw.get_submodule(name), res.get_submodule(name)
+        assert torch.equal(w_raw.weight, trained[f"{name}.weight"]) and torch.equal(w_raw.bias, trained[f"{name}.bias"])
+        assert torch.isclose(w_res.weight.norm(), init[f"{name}.weight"].norm()) and torch.all(w_res.bias == 0)
