@@ -51,7 +51,7 @@ bench: venv
 
 # record the exact versions of this environment (commit it with results made in it)
 constraints: venv
-	$(BIN)/python -m pip freeze --exclude-editable | grep -v '^-e ' > constraints.txt
+	{ echo "# Exact versions of the environment results were produced with (make constraints)."; $(BIN)/python -m pip freeze --exclude-editable | grep -v "^-e "; } > constraints.txt
 
 clean-runs:
 	rm -rf runs/
