@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 BUDGET_MIN=${1:?usage: scripts/gpu_run.sh BUDGET_MINUTES [OUT_DIR]}
 OUT_DIR=${2:-${OUT:-runs/gpu_out}}
 PRESET=${PRESET:-paper}
-ORDER=${ORDER:-"02 05 04"}
+ORDER=${ORDER:-"02 05 03 04 01"}
 PY=${PY:-python3}
 mkdir -p "$OUT_DIR" runs
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 CI=1
