@@ -7,6 +7,8 @@
 - bare: fp32 loop over index slices of the same pre-standardised tensors (CPU reference);
 - engine: common.train.train (on CUDA: GPU-resident data, bf16 autocast, channels_last), timed
   from the end of the warm-up to the end of the run (model, optimiser and data setup excluded);
+- stacked-N (2-layer CNN, FC): N members trained together by common.stacked.train_stacked, images/s
+  summed over the members; stacked/engine is the per-run speed-up;
 - protocol (2-layer CNN): the engine running Figure 2's protocol, misalignment probe every 10 steps
   and full-set evaluation every 100, so the cost of measurements is visible.
 Synthetic CIFAR-shaped data; the same cuDNN settings for every path; each row is the mean of
@@ -22,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from common import models as M
 from common.probes import FirstLayerMisalignment
+from common.stacked import train_stacked
 from common.train import device, train
 
 MODELS = {
@@ -128,6 +131,31 @@ def engine(make, x, y, steps, warm, batch, dev, probes=(), eval_every=None):
     return steps * batch / (time.time() - marks[warm])
 
 
+def stacked(make, x, y, steps, warm, batch, dev, n):
+    """``n`` members trained together by common.stacked.train_stacked: images/s summed over members."""
+    marks = {}
+
+    def clock(model, step):
+        if step == warm and step not in marks:
+            _sync(dev)
+            marks[step] = time.time()
+        return {}
+
+    train_stacked(
+        [make() for _ in range(n)],
+        x,
+        y,
+        data_seeds=list(range(n)),
+        steps=warm + steps,
+        batch_size=batch,
+        dev=dev,
+        callbacks=[([warm], clock)],
+        log_every=50,
+    )
+    _sync(dev)
+    return n * steps * batch / (time.time() - marks[warm])
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["cnn", "fc"], choices=list(MODELS))
@@ -136,6 +164,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--n", type=int, default=10_000, help="synthetic images")
+    ap.add_argument("--stack", type=int, default=8, help="members of the stacked row (2-layer CNN and FC)")
     args = ap.parse_args()
     dev = device()
     cuda = dev.type == "cuda"
@@ -154,7 +183,7 @@ def main():
     )
     print(
         f"{'model':8} {'naive img/s':>12} {'bare img/s':>11} {'engine img/s':>13} {'engine/naive':>13} "
-        f"{'engine/bare':>12} {'protocol img/s':>15}"
+        f"{'engine/bare':>12} {f'stacked-{args.stack} img/s':>17} {'stacked/engine':>15} {'protocol img/s':>15}"
     )
     for key in args.models:
         make = MODELS[key]
@@ -164,21 +193,26 @@ def main():
                 naive(make, x8, y, steps, warm, args.batch, dev),
                 bare(make, x, y, steps, warm, args.batch, dev),
                 engine(make, x, y, steps, warm, args.batch, dev),
+                stacked(make, x, y, steps, warm, args.batch, dev, args.stack) if key in ("cnn", "fc") else float("nan"),
+                float("nan"),
             ]
             if key == "cnn":  # Figure 2's protocol: misalignment every 10 steps, full-set evaluation every 100
                 eye = torch.eye(27, dtype=torch.float64)
                 probe = FirstLayerMisalignment({"data": eye, "random": eye.flip(1)}, every=10)
-                r.append(engine(make, x, y, steps, warm, args.batch, dev, probes=[probe], eval_every=100))
+                r[4] = engine(make, x, y, steps, warm, args.batch, dev, probes=[probe], eval_every=100)
             rows.append(r)
         mean = [sum(c) / len(c) for c in zip(*rows)]
         spread = [f"({min(col):.0f}-{max(col):.0f})" for col in zip(*rows)]
-        proto = f"{mean[3]:.0f} {spread[3]}" if len(mean) > 3 else "-"
         print(
             f"{key:8} {mean[0]:12.0f} {mean[1]:11.0f} {mean[2]:13.0f} {mean[2] / mean[0]:12.2f}x "
-            f"{mean[2] / mean[1]:11.2f}x {proto:>15}",
+            f"{mean[2] / mean[1]:11.2f}x {mean[3]:17.0f} {mean[3] / mean[2]:14.2f}x {mean[4]:15.0f}",
             flush=True,
         )
-        print(f"{'':8} {spread[0]:>12} {spread[1]:>11} {spread[2]:>13}", flush=True)
+        print(
+            f"{'':8} {spread[0]:>12} {spread[1]:>11} {spread[2]:>13} {'':13} {'':12} {spread[3]:>17} {'':15} "
+            f"{spread[4]:>15}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

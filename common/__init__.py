@@ -39,7 +39,8 @@ from .models import (
 )
 from .probes import FirstLayerFilters, FirstLayerMisalignment, FirstLayerSecondMoment
 from .report import Claims, Notebook, resolve_preset
-from .train import cached_train, device, evaluate, reproducible, train
+from .stacked import train_stacked
+from .train import cached_train, cached_train_many, device, evaluate, reproducible, train
 from .transfer import (
     Variant,
     covariance_init,

@@ -129,7 +129,7 @@ def canonical(obj):
         return obj.item()
     if obj is None or isinstance(obj, (bool, int, float, str)):
         return obj
-    if isinstance(obj, torch.device):
+    if isinstance(obj, (torch.device, torch.dtype)):
         return str(obj)
     if callable(obj) and hasattr(obj, "__qualname__"):
         return f"{getattr(obj, '__module__', '?')}.{obj.__qualname__}"
@@ -251,6 +251,22 @@ def export_result(result: CachedResult, figure: str) -> Path:
     return path
 
 
+def lookup(key: dict, root: Optional[os.PathLike] = None, recompute: Optional[Callable] = None):
+    """The stored run for ``key`` (local cache first, then ``results/``), or None. A run from
+    ``results/`` has no weights; ``recompute`` (a function returning a :class:`CachedResult`)
+    supplies them when ``states`` is read."""
+    base = Path(root) if root is not None else cache_dir()
+    h = key_hash(key)
+    if (base / h).is_dir():
+        got = _read_local(base / h, key)
+        if got is not None:
+            return CachedResult(key, got[0], got[1], base / h, "cache")
+    got = _read_results(h, key)
+    if got is not None:
+        return CachedResult(key, got[0], None, got[1], "results", recompute=recompute)
+    return None
+
+
 def cached_run(
     key: dict,
     fn: Callable[[Path], tuple],
@@ -272,21 +288,9 @@ def cached_run(
         raise ValueError("cached_run needs a key built by run_key(...)")
     base = Path(root) if root is not None else cache_dir()
     h = key_hash(key)
-    entry = base / h
-    result = None
-    if not force:
-        if entry.is_dir():
-            got = _read_local(entry, key)
-            if got is not None:
-                result = CachedResult(key, got[0], got[1], entry, "cache")
-        if result is None:
-            got = _read_results(h, key)
-            if got is not None:
-                result = CachedResult(
-                    key, got[0], None, got[1], "results", recompute=lambda: cached_run(key, fn, True, root)
-                )
-                if need_states:
-                    result._states = result.states
+    result = None if force else lookup(key, root, recompute=lambda: cached_run(key, fn, True, root))
+    if result is not None and need_states:
+        result._states = result.states
     if result is None:
         result = _compute(key, h, fn, base, force)
     if export and result.source != "results":

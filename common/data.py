@@ -268,15 +268,25 @@ def random_crop_flip(x: torch.Tensor, generator: torch.Generator, pad: int = 4) 
 class DeviceLoader:
     """Mini-batches from a tensor set that lives on the device.
 
-    ``x (N, ...) float32`` and ``y (N,) int64`` move to ``device`` once (channels_last for 4-d
-    inputs on CUDA). Each epoch is one ``torch.randperm`` on the device; a batch is an index
+    ``x (N, ...)`` (cast to ``dtype``, float32 by default) and ``y (N,) int64`` move to ``device``
+    once (channels_last for 4-d inputs on CUDA). Each epoch is one ``torch.randperm`` on the device; a batch is an index
     slice. The last partial batch of an epoch is dropped when ``drop_last``. The iteration state
     (generator, permutation, position) round-trips through :meth:`state_dict` for exact resume.
     """
 
-    def __init__(self, x, y, batch_size: int, device, seed: int, augment: bool = False, drop_last: bool = False):
+    def __init__(
+        self,
+        x,
+        y,
+        batch_size: int,
+        device,
+        seed: int,
+        augment: bool = False,
+        drop_last: bool = False,
+        dtype: torch.dtype = torch.float32,
+    ):
         self.device = torch.device(device)
-        x = x.to(self.device, torch.float32)
+        x = x.to(self.device, dtype)
         if x.dim() == 4 and self.device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         self.x, self.y = x, y.to(self.device)

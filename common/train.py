@@ -68,6 +68,11 @@ def lr_at(
     raise ValueError(f"unknown schedule {schedule!r} (constant, step, cosine)")
 
 
+def _wide(logits: torch.Tensor) -> torch.Tensor:
+    """Logits for the loss: float32 (from bf16 under autocast), float64 kept as it is."""
+    return logits if logits.dtype == torch.float64 else logits.float()
+
+
 def _autocast(dev: torch.device):
     if dev.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
@@ -91,7 +96,7 @@ def evaluate(
             xb = xb.contiguous(memory_format=torch.channels_last)
         with _autocast(dev):
             out = model(xb)
-        loss_sum += F.cross_entropy(out.float(), yb, reduction="sum").item()
+        loss_sum += F.cross_entropy(_wide(out), yb, reduction="sum").item()
         correct += (out.argmax(1) == yb).sum().item()
     model.train(was_training)
     return loss_sum / len(y), correct / len(y)
@@ -116,6 +121,7 @@ def train(
     milestones: Sequence[float] = (1 / 3, 2 / 3),
     gamma: float = 1 / 3,
     batch_size: int = 256,
+    dtype: torch.dtype = torch.float32,
     data_seed: int = 0,
     augment: bool = False,
     eval_sets: Optional[Dict[str, Tuple[torch.Tensor, torch.Tensor]]] = None,
@@ -137,7 +143,8 @@ def train(
     ``eval_at`` and at the end. ``callbacks`` are ``(every, fn)`` pairs; ``fn(model, step)``
     returns a dict of floats (or lists of floats), recorded at step 0, at the end, and every
     ``every`` steps (an int) or at the listed steps (a list, tuple or set).
-    ``data_seed`` fixes the batch order (the init is the caller's). With ``checkpoint_path``
+    ``data_seed`` fixes the batch order (the init is the caller's). ``dtype``: the floating
+    type of the model and the data (float64 for exact comparisons). With ``checkpoint_path``
     the run saves its full state every ``checkpoint_every`` steps, or (when that is None) every
     ``checkpoint_every_s`` seconds of wall time, so short runs write none; it resumes from
     that file, ending with the same result as an uninterrupted run on the CPU. Evaluation sets
@@ -150,13 +157,13 @@ def train(
         steps = math.ceil(epochs * len(y) / min(batch_size, len(y)))
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
-        model = model.to(dev, memory_format=torch.channels_last)
+        model = model.to(dev, dtype, memory_format=torch.channels_last)
     else:
-        model = model.to(dev)
+        model = model.to(dev, dtype)
     model.train()
-    loader = DeviceLoader(x, y, batch_size, dev, data_seed, augment=augment)
+    loader = DeviceLoader(x, y, batch_size, dev, data_seed, augment=augment, dtype=dtype)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
-    eval_sets = {name: (xe.to(dev, torch.float32), ye.to(dev)) for name, (xe, ye) in (eval_sets or {}).items()}
+    eval_sets = {name: (xe.to(dev, dtype), ye.to(dev)) for name, (xe, ye) in (eval_sets or {}).items()}
     if dev.type == "cuda":
         eval_sets = {
             name: (xe.contiguous(memory_format=torch.channels_last) if xe.dim() == 4 else xe, ye)
@@ -207,14 +214,14 @@ def train(
         xb, yb = loader.next_batch()
         with _autocast(dev):
             out = model(xb)
-        loss = F.cross_entropy(out.float(), yb)
+        loss = F.cross_entropy(_wide(out), yb)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         step += 1
         # .item() syncs; only pay it when logging (accumulate on the device otherwise)
         run_loss += loss.detach()
-        run_acc += (out.argmax(1) == yb).float().mean()
+        run_acc += (out.argmax(1) == yb).to(torch.float64).mean()
         run_n += 1
         if step % log_every == 0 or step == steps:
             _append(hist["train"], "step", step)
@@ -263,6 +270,19 @@ _NOT_IN_KEY = {
 }
 
 
+def _train_key(model, x, y, init, probes, eval_sets, keep, train_kwargs) -> dict:
+    """The cache key of one run of :func:`cached_train` (also used by :func:`cached_train_many`)."""
+    bad = set(train_kwargs) & _NOT_IN_KEY
+    if bad:
+        raise TypeError(f"pass {sorted(bad)} through cached_train's own arguments")
+    bound = inspect.signature(train).bind_partial(**train_kwargs)
+    bound.apply_defaults()
+    hyper = {k: v for k, v in bound.arguments.items() if k not in _NOT_IN_KEY}
+    return cache.run_key(
+        model=model, init=init, x=x, y=y, eval_sets=eval_sets or {}, probes=list(probes), keep=sorted(keep), train=hyper
+    )
+
+
 def cached_train(
     model,
     x: torch.Tensor,
@@ -293,15 +313,7 @@ def cached_train(
     """
     from .models import first_layer
 
-    bound = inspect.signature(train).bind_partial(**train_kwargs)
-    bound.apply_defaults()
-    hyper = {k: v for k, v in bound.arguments.items() if k not in _NOT_IN_KEY}
-    bad = set(train_kwargs) & _NOT_IN_KEY
-    if bad:
-        raise TypeError(f"cached_train: pass {sorted(bad)} through its own arguments")
-    key = cache.run_key(
-        model=model, init=init, x=x, y=y, eval_sets=eval_sets or {}, probes=list(probes), keep=sorted(keep), train=hyper
-    )
+    key = _train_key(model, x, y, init, probes, eval_sets, keep, train_kwargs)
 
     def fn(scratch):
         net = model.build()
@@ -329,3 +341,88 @@ def cached_train(
         return hist, states
 
     return cache.cached_run(key, fn, force=force, need_states=need_states, export=export)
+
+
+def cached_train_many(
+    models: Sequence,
+    x: torch.Tensor,
+    ys,
+    *,
+    data_seeds: Sequence[int],
+    stack: int = 1,
+    probes: Sequence = (),
+    eval_sets: Optional[Dict[str, Tuple[torch.Tensor, torch.Tensor]]] = None,
+    keep: Sequence[str] = (),
+    export: Optional[str] = None,
+    force: bool = False,
+    dev: Optional[torch.device] = None,
+    desc: str = "train",
+    **train_kwargs,
+) -> list:
+    """Many independent runs of :func:`cached_train` (``models[i]`` a ModelSpec, labels ``ys`` or
+    ``ys[i]``, ``data_seed=data_seeds[i]``), each cached under the very key ``cached_train`` gives it.
+    The missing ones are trained ``stack`` at a time with :func:`common.stacked.train_stacked` (2-layer
+    CNN and FC nets; ``stack=1`` trains them one by one). A stacked member follows its sequential
+    trajectory up to the kernels' summation order, so use ``stack > 1`` where runs are not compared bit
+    for bit (the GPU presets). Returns the :class:`common.cache.CachedResult` of every run, in order."""
+    from .models import first_layer
+    from .stacked import train_stacked
+
+    n = len(models)
+    ys = list(ys) if isinstance(ys, (list, tuple)) else [ys] * n
+    keys = [
+        _train_key(m, x, yi, None, probes, eval_sets, keep, {**train_kwargs, "data_seed": s})
+        for m, yi, s in zip(models, ys, data_seeds)
+    ]
+
+    def one(i):
+        return cached_train(
+            models[i],
+            x,
+            ys[i],
+            probes=probes,
+            eval_sets=eval_sets,
+            keep=keep,
+            export=export,
+            force=force,
+            dev=dev,
+            desc=f"{desc} {i}",
+            data_seed=data_seeds[i],
+            **train_kwargs,
+        )
+
+    if stack <= 1:
+        return [one(i) for i in range(n)]
+    out = [None if force else cache.lookup(k, recompute=lambda i=i: one(i)) for i, k in enumerate(keys)]
+    for r in out:
+        if r is not None:
+            cache.LEDGER.append(r)
+    if train_kwargs.get("augment"):
+        raise ValueError("the stacked trainer does not augment")
+    todo = [i for i, r in enumerate(out) if r is None]
+    stacked_kwargs = {k: v for k, v in train_kwargs.items() if k != "augment"}
+    for a in range(0, len(todo), stack):
+        chunk = todo[a : a + stack]
+        nets = [models[i].build() for i in chunk]
+        inits = [{k: v.detach().clone() for k, v in net.state_dict().items()} for net in nets]
+        hists = train_stacked(
+            nets,
+            x,
+            [ys[i] for i in chunk],
+            data_seeds=[data_seeds[i] for i in chunk],
+            eval_sets=eval_sets,
+            callbacks=[(p.every, p) for p in probes],
+            dev=dev,
+            **stacked_kwargs,
+        )
+        for i, net, init, hist in zip(chunk, nets, inits, hists):
+            hist["device"] = str(torch.cuda.get_device_name(0) if next(net.parameters()).is_cuda else "cpu")
+            states = {}
+            if "init" in keep:
+                states["init"] = init
+            if "trained" in keep:
+                states["trained"] = net.state_dict()
+            if "first_layer" in keep:
+                states["first_layer"] = first_layer(net).state_dict()
+            out[i] = cache.cached_run(keys[i], lambda scratch, h=hist, st=states: (h, st), force=True, export=export)
+    return out
