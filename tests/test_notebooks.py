@@ -12,6 +12,12 @@ ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9]*.ipynb"))
 # the claims each notebook must judge (name prefixes), so a silently dropped check fails a test
 EXPECTED = {
+    "01_pretrain_transfer": [
+        "upstream train accuracy",
+        "real, positive setting: pre-trained - scratch",
+        "random, negative setting: pre-trained - scratch",
+    ],
+    "03_eigenvectors": ["smallest |cos| of the top", "M(pooled Σ_w; data eigenbasis)", "single filters' top"],
     "02_misalignment": ["real labels: M(data eigvecs) / M(random basis)", "random labels: M(random basis) growth"],
     "04_eigenvalue_mapping": [
         "FC left: f decreasing",
