@@ -234,8 +234,9 @@ class Notebook:
         return paths
 
     def runs_summary(self) -> dict:
-        """How the runs of this execution were obtained, and what they cost when computed."""
-        runs = cache.LEDGER[self._ledger0 :]
+        """The distinct runs this execution used, how each was first obtained (trained now, read from the local
+        cache, read from the committed results/), and their summed training wall time."""
+        runs = list({r.hash: r for r in reversed(cache.LEDGER[self._ledger0 :])}.values())  # first look-up of each run
         return {
             "runs": len(runs),
             "computed": sum(r.source == "computed" for r in runs),

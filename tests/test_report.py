@@ -1,0 +1,49 @@
+"""Claims judge themselves and fail non-finite values; outputs are named after preset and overrides;
+the run summary counts each run once."""
+
+import json
+import math
+
+import pytest
+
+from common import cache
+from common.report import Claims, Notebook, output_tag
+
+
+def test_checks_write_their_threshold_and_fail_non_finite_values():
+    c = Claims()
+    assert c.check("a", 0.5, "<", 1.0) and c.rows[-1]["threshold_text"] == "< 1"
+    assert not c.check("b", 2.0, "<=", 1.0)
+    assert c.check("c", 3, "in", (1, 5)) and c.rows[-1]["threshold_text"] == "in [1, 5]"
+    assert not c.check("d", math.nan, ">", 0.0) and "non-finite" in c.rows[-1]["note"]
+    assert not c.check("e", math.inf, ">", 0.0)
+    assert not c.check("f", math.nan, "<", 0.0)  # NaN fails whichever way the comparison goes
+    c.report("g", 7.0)
+    assert (c.passed, c.failed) == (2, 4) and c.rows[-1]["status"] == "REPORT"
+    with pytest.raises(ValueError):
+        c.check("h", 1.0, "==", 1.0)
+
+
+def test_output_tag_names_every_override():
+    assert output_tag("quick", {}) == "quick"
+    assert output_tag("quick", {"seeds": [0, 1, 2], "fc_epochs": 200}) == "quick+fc_epochs=200+seeds=0-1-2"
+    assert output_tag("smoke", {}, fake=True) == "smoke-standin"
+
+
+def test_notebook_session_tags_outputs_and_counts_each_run_once(tmp_path):
+    presets = {"smoke": dict(steps=3, seeds=[0]), "quick": dict(steps=5, seeds=[0]), "paper": dict(steps=9, seeds=[0])}
+    nb = Notebook("quick", presets, {"steps": 7, "seeds": None}, str(tmp_path))
+    assert nb.cfg == {"steps": 7, "seeds": [0]} and nb.tag == "quick+steps=7" and nb.export is None
+    calls = []
+    key = cache.run_key(z=1)
+    fn = lambda scratch: (calls.append(1) or {"wall_s": 2.0}, {})  # noqa: E731
+    for _ in range(3):  # the same run looked up three times in one execution
+        cache.cached_run(key, fn, root=tmp_path / "c")
+    summary = nb.runs_summary()
+    assert summary["runs"] == 1 and summary["computed"] == 1 and summary["training_wall_s"] == 2.0
+    nb.claims.check("x", 1.0, ">", 0.0)
+    doc = json.loads(nb.write_claims("figX").read_text())
+    assert (tmp_path / "figX.quick+steps=7.json").is_file() and doc["overrides"] == {"steps": 7}
+    assert doc["passed"] == 1 and doc["run_sources"]["runs"] == 1
+    with pytest.raises(ValueError):
+        Notebook("quick", presets, {"lr": 0.1}, str(tmp_path))  # not a preset parameter
