@@ -5,8 +5,8 @@
 #   scripts/gpu_run.sh BUDGET_MINUTES [OUT_DIR]        e.g. scripts/gpu_run.sh 8 /tmp/out
 #
 # Needs python3 with torch, numpy, scipy, matplotlib, tqdm, pytest (no Jupyter: notebooks run in-process).
-# CIFAR-10: $CIFAR10_ROOT, else built from .cifar10-part1..3 in the repository root if they are there
-# (python ../shared/data/cifar10_offline.py --device-parts . writes them). Each notebook's finished runs are
+# CIFAR-10: $CIFAR10_ROOT, else built from .cifar10-part1..3 in the repository root if they are there (three
+# folders of PNG batches, each with the cifar10_offline.py that rebuilds the pickles). Each notebook's finished runs are
 # exported to results/<figure>/ as they complete, so a preset cut off by the budget keeps what it finished and
 # the next session trains only what is missing. Dry run on a CPU: PRESET=smoke scripts/gpu_run.sh 2 /tmp/out
 set -uo pipefail
