@@ -41,7 +41,7 @@ for nb in $ORDER; do
   if [ "$t" -lt 30 ]; then say "budget spent; not starting $nb"; continue; fi
   say "notebook $nb, preset $PRESET, at most ${t}s"
   timeout "$t" $PY -m common.notebooks --preset "$PRESET" --engine inprocess --only "$nb" --fig-dir figures \
-    2>&1 | grep -v '\r' | tail -30 | tee -a "$LOG"
+    2>&1 | tr '\r' '\n' | grep -v 'it/s' | tail -30 | tee -a "$LOG"
   [ "${PIPESTATUS[0]}" = 124 ] && say "notebook $nb stopped at the budget; its finished runs are in results/"
 done
 
