@@ -113,8 +113,9 @@ def tensor_fingerprint(t) -> str:
 
 def canonical(obj):
     """A JSON-able, order-independent description of ``obj``: tensors and arrays become
-    fingerprints, objects with a ``key()`` method (probes, specs) their key, tuples lists,
-    functions their qualified name. Raises TypeError for anything else, rather than guess."""
+    fingerprints, objects with a ``key()`` method (probes, specs) their key, tuples lists.
+    Raises TypeError for anything else, functions included (a name says nothing about what a
+    function computes), rather than guess."""
     if isinstance(obj, (torch.Tensor, np.ndarray)):
         return {"tensor": tensor_fingerprint(obj)}
     if hasattr(obj, "key") and callable(obj.key):
@@ -131,8 +132,6 @@ def canonical(obj):
         return obj
     if isinstance(obj, (torch.device, torch.dtype)):
         return str(obj)
-    if callable(obj) and hasattr(obj, "__qualname__"):
-        return f"{getattr(obj, '__module__', '?')}.{obj.__qualname__}"
     raise TypeError(f"cannot put a {type(obj).__name__} into a run key; pass plain values, tensors or specs")
 
 

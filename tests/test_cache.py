@@ -47,6 +47,8 @@ def test_tensors_enter_the_key_by_content():
 def test_unknown_objects_are_refused():
     with pytest.raises(TypeError):
         C.run_key(model=object())
+    with pytest.raises(TypeError):
+        C.run_key(callback=lambda model, step: {})  # a function's name does not describe what it computes
     with pytest.raises(ValueError):
         C.cached_run({"lr": 0.1}, _fn([]))  # not a run_key
 
