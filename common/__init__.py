@@ -22,6 +22,7 @@ from .data import (
     fake_cifar10,
     load_cifar10,
     load_data,
+    per_image_standardize,
     random_labels,
     standardize,
     standardized,

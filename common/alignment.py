@@ -200,3 +200,41 @@ def top_component_mass(W: torch.Tensor, data_evecs) -> torch.Tensor:
     V = torch.as_tensor(data_evecs, dtype=torch.float64)
     proj = (W @ V) ** 2
     return proj.max(1).values / proj.sum(1)
+
+
+def misalignment_null(sigma_w, n_bases: int = 100, seed: int = 0) -> torch.Tensor:
+    """What the anisotropy of ``sigma_w (d, d)`` alone gives: its misalignment against ``n_bases``
+    Haar-random orthonormal bases (seeds ``seed, seed + 1, ...``), ``(n_bases,) float64``. An
+    unaligned Σ_w with the same spectrum has M(data eigenvectors) distributed like this, so
+    M(data) far below it separates alignment from mere anisotropy (Figure 2)."""
+    S = torch.as_tensor(sigma_w, dtype=torch.float64)
+    return torch.tensor([misalignment(S, random_orthonormal_basis(len(S), seed + i)) for i in range(n_bases)])
+
+
+def transfer_function_change(S_end, S_start, data_evecs, start_var: float) -> torch.Tensor:
+    """f read off what one run changed (Figure 20's estimator, docs/protocol.md "Eigenvalue mapping"):
+    ``sqrt(start_var + v_i^T (S_end - S_start) v_i)`` for the columns ``v_i`` of ``data_evecs (d, d)``,
+    with ``S_start``, ``S_end (d, d)`` the run's own first-layer second moments at initialisation and
+    at the end and ``start_var`` the expected squared f at initialisation (init std squared). It
+    replaces the run's sampled initial spread along ``v_i`` by its expectation, so independent seeds
+    differ only by what training did. Negative values under the root are clipped to 0. ``(d,) float64``."""
+    V = torch.as_tensor(data_evecs, dtype=torch.float64)
+    D = torch.as_tensor(S_end, dtype=torch.float64) - torch.as_tensor(S_start, dtype=torch.float64)
+    return torch.sqrt((start_var + ((V.T @ D) * V.T).sum(1)).clamp_min(0))
+
+
+def seed_spread(f) -> float:
+    """How far apart the seeds' curves are: ``max_i (max_s f[s, i] - min_s f[s, i]) / mean_s f[s, i]``
+    for ``f (n_seeds, d)`` (Figure 20's agreement statistic)."""
+    f = torch.as_tensor(f, dtype=torch.float64)
+    return float(((f.max(0).values - f.min(0).values) / f.mean(0)).max())
+
+
+def init_spread_null(m: int, d: int, n_seeds: int, n_draws: int = 200, seed: int = 0) -> torch.Tensor:
+    """:func:`seed_spread` of the plain estimator f = sqrt(diag(W^T W / m)) when the ``n_seeds`` runs'
+    first layers are independent isotropic Gaussian ``(m, d)`` draws and training changed nothing:
+    ``(n_draws,) float64``, the spread that the initial weights alone give (scale-free)."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(n_draws, n_seeds, m, d, generator=g, dtype=torch.float64)
+    f = (W**2).mean(2).sqrt()  # (n_draws, n_seeds, d)
+    return ((f.max(1).values - f.min(1).values) / f.mean(1)).max(1).values

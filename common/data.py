@@ -316,3 +316,14 @@ class DeviceLoader:
         self.gen.set_state(state["gen"])
         self.perm = None if state["perm"] is None else state["perm"].to(self.device)
         self.pos = state["pos"]
+
+
+def per_image_standardize(x: torch.Tensor) -> torch.Tensor:
+    """The alternative input normalisation of the Figure 4 recipe sweep: each ``(3, H, W) uint8``
+    image of ``x (N, 3, H, W)`` scaled to [0, 1], minus its own mean over pixels and channels,
+    divided by its own std (``n - 1``; at least ``1 / sqrt(3 H W)``, so flat images stay finite).
+    Returns ``(N, 3, H, W) float32``."""
+    xf = x.to(torch.float64) / 255.0
+    mean = xf.mean(dim=(1, 2, 3), keepdim=True)
+    std = xf.std(dim=(1, 2, 3), keepdim=True).clamp_min(xf[0].numel() ** -0.5)
+    return ((xf - mean) / std).to(torch.float32)

@@ -27,7 +27,7 @@ from torch import nn
 
 from .data import DeviceLoader
 from .models import TwoLayerCNN, TwoLayerFC
-from .train import _autocast, _wide, device, lr_at
+from .train import _autocast, _due, _wide, device, lr_at
 
 
 class StackedNet(nn.Module):
@@ -159,16 +159,15 @@ def train_stacked(
             net.train()
         if callbacks:
             net.write_back(models)
-            for every, fn in callbacks:
-                due = (s in every) if isinstance(every, (set, list, tuple)) else (s % every == 0)
-                if s == 0 or s == steps or due:
-                    for h, m in zip(hists, models):
-                        stats = fn(m, s)
-                        h["callbacks"].setdefault("step", []).append(s)
-                        for key, val in stats.items():
-                            h["callbacks"].setdefault(key, []).append(
-                                [float(v) for v in val] if isinstance(val, (list, tuple)) else float(val)
-                            )
+            due = [fn for every, fn in callbacks if s == 0 or s == steps or _due(every, s)]
+            for h, m in zip(hists, models):
+                if due:
+                    h["callbacks"].setdefault("step", []).append(s)
+                for fn in due:
+                    for key, val in fn(m, s).items():
+                        h["callbacks"].setdefault(key, []).append(
+                            [float(v) for v in val] if isinstance(val, (list, tuple)) else float(val)
+                        )
 
     t0 = time.time()
     record(0)

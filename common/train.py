@@ -7,7 +7,8 @@ the run cache. The history is plain data (lists of floats) that serialises to JS
 
     {"train": {"step": [...], "loss": [...], "acc": [...]},      # running means between logs
      "eval":  {"step": [...], "<set>_loss": [...], "<set>_acc": [...]},
-     "callbacks": {"step": [...], "<key>": [...]},               # whatever callbacks return
+     "callbacks": {"step": [...], "<key>": [...]},               # steps where any callback ran; each
+                                                                 # callback's values at its own steps
      "steps": total_steps, "wall_s": seconds}
 """
 
@@ -106,6 +107,11 @@ def _append(table: dict, key: str, value) -> None:
     table.setdefault(key, []).append(value)
 
 
+def _due(every, s: int) -> bool:
+    """Whether a callback with schedule ``every`` (period or list of steps) runs at step ``s``."""
+    return (s in every) if isinstance(every, (set, list, tuple)) else (s % every == 0)
+
+
 def train(
     model: nn.Module,
     x: torch.Tensor,
@@ -190,17 +196,14 @@ def train(
                 loss, acc = evaluate(model, xe, ye, dev=dev)
                 _append(hist["eval"], f"{name}_loss", loss)
                 _append(hist["eval"], f"{name}_acc", acc)
-        for every, fn in callbacks:
-            due = (s in every) if isinstance(every, (set, list, tuple)) else (s % every == 0)
-            if s == 0 or s == steps or due:
-                stats = fn(model, s)
-                _append(hist["callbacks"], "step", s)
-                for key, val in stats.items():
-                    _append(
-                        hist["callbacks"],
-                        key,
-                        [float(v) for v in val] if isinstance(val, (list, tuple)) else float(val),
-                    )
+        due = [fn for every, fn in callbacks if s == 0 or s == steps or _due(every, s)]
+        if due:
+            _append(hist["callbacks"], "step", s)
+        for fn in due:
+            for key, val in fn(model, s).items():
+                _append(
+                    hist["callbacks"], key, [float(v) for v in val] if isinstance(val, (list, tuple)) else float(val)
+                )
 
     from tqdm import tqdm  # plain text bars: they reach a terminal from papermill and in-process runs alike
 

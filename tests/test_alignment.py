@@ -168,3 +168,54 @@ def test_top_component_mass():
     V = torch.eye(4, dtype=torch.float64)
     W = torch.tensor([[0.0, 2.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]], dtype=torch.float64)
     assert torch.allclose(A.top_component_mass(W, V), torch.tensor([1.0, 0.25], dtype=torch.float64))
+
+
+def test_misalignment_null_matches_rotated_copies_and_separates_alignment():
+    d = 8
+    evals = np.geomspace(10, 0.1, d)
+    S = np.diag(evals)  # aligned with the identity: M(identity) = 0
+    null = A.misalignment_null(S, n_bases=30, seed=5).numpy()
+    for i in (0, 7, 29):  # independent reference: rotate S instead of the basis, numpy formula
+        Q = A.random_orthonormal_basis(d, 5 + i).numpy()
+        R = Q.T @ S @ Q
+        Ri = np.linalg.inv(R)
+        ref = np.sum(np.sqrt(np.diag(R) * np.diag(Ri)) - 1)
+        assert null[i] == pytest.approx(ref, rel=1e-6)
+    assert A.misalignment(torch.tensor(S), torch.eye(d, dtype=torch.float64)) < 1e-9 < null.min()
+    iso = A.misalignment_null(np.eye(d) * 2.0, n_bases=5).numpy()
+    assert np.abs(iso).max() < 1e-9
+
+
+def test_transfer_function_change_removes_the_initial_draw():
+    rng = np.random.default_rng(0)
+    d, m, s0 = 6, 50, 0.3
+    V = A.random_orthonormal_basis(d, 1).numpy()
+    target = np.array([0.5, 0.2, 0.1, 0.05, 0.0, 0.0])  # added variance along each v_i
+    out = []
+    for _ in range(20):  # independent inits; training adds the same deterministic change
+        W0 = rng.normal(0, s0, (m, d))
+        S0 = W0.T @ W0 / m
+        ST = S0 + (V * target) @ V.T
+        f = A.transfer_function_change(ST, S0, V, s0**2).numpy()
+        ref = [np.sqrt(s0**2 + V[:, i] @ (ST - S0) @ V[:, i]) for i in range(d)]  # hand loop
+        np.testing.assert_allclose(f, ref, rtol=1e-12)
+        out.append(f)
+    np.testing.assert_allclose(np.array(out), np.sqrt(s0**2 + target)[None].repeat(20, 0), rtol=1e-9)
+    raw = np.array(
+        [A.transfer_function(A.second_moment(torch.tensor(rng.normal(0, s0, (m, d)))), V).numpy() for _ in range(20)]
+    )
+    assert raw.std(0).min() > 1e-3  # the plain estimator carries the initial draw
+    assert A.transfer_function_change(np.zeros((d, d)), np.eye(d), V, 0.5).min() == 0  # clipped
+
+
+def test_seed_spread_and_its_init_null():
+    f = np.array([[1.0, 2.0], [1.1, 2.0], [0.9, 2.2]])
+    assert A.seed_spread(f) == pytest.approx(0.2 / 1.0)
+    null = A.init_spread_null(64, 5, 4, n_draws=300, seed=1).numpy()
+    rng = np.random.default_rng(7)  # independent Monte-Carlo reference with numpy draws
+    ref = []
+    for _ in range(300):
+        fs = np.array([np.sqrt((rng.normal(size=(64, 5)) ** 2).mean(0)) for _ in range(4)])
+        ref.append(((fs.max(0) - fs.min(0)) / fs.mean(0)).max())
+    assert null.mean() == pytest.approx(np.mean(ref), rel=0.05)
+    assert 0.15 < null.mean() < 0.35  # about 2 * 2.06 * sqrt(1 / (2 * 64)) for the range of 4 draws, max over 5

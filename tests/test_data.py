@@ -153,6 +153,17 @@ def test_standardize_matches_numpy():
     assert np.allclose(z, ref, atol=1e-5)
 
 
+def test_per_image_standardize_matches_numpy():
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (4, 3, 5, 5), dtype=np.uint8)
+    x[3] = 77  # a flat image stays finite (zeros)
+    out = D.per_image_standardize(torch.from_numpy(x)).numpy()
+    for i in range(3):
+        xf = x[i].astype(np.float64) / 255
+        np.testing.assert_allclose(out[i], (xf - xf.mean()) / xf.std(ddof=1), rtol=1e-5, atol=1e-6)
+    assert out.dtype == np.float32 and np.abs(out[3]).max() < 1e-12
+
+
 def test_device_loader_epochs_cover_the_set_and_resume():
     x = torch.arange(10, dtype=torch.float32)[:, None]
     y = torch.arange(10)

@@ -18,18 +18,26 @@ EXPECTED = {
         "random, negative setting: pre-trained - scratch",
     ],
     "03_eigenvectors": ["smallest |cos| of the top", "M(pooled Σ_w; data eigenbasis)", "single filters' top"],
-    "02_misalignment": ["real labels: M(data eigvecs) / M(random basis)", "random labels: M(random basis) growth"],
+    "02_misalignment": [
+        "real labels: M(data eigvecs) / anisotropy null",
+        "random labels: M(data eigvecs) / anisotropy null",
+        "random-label runs: train accuracy",
+    ],
     "04_eigenvalue_mapping": [
         "FC left: f decreasing",
         "FC right: f increasing",
+        "FC middle: seed spread",
         "CNN random: max f / init at epoch",
+        "CNN random: f along the top (DC) direction",
+        "CNN real, epoch",
         "CNN real: smallest ratio",
     ],
     "05_transfer_variants": [
         "upstream train accuracy",
-        "real: covariance - scratch",
-        "random: pretrained - scratch",
-        "real: no rescaling - pretrained",
+        "real: covariance (first layer",
+        "random: pretrained (first layer",
+        "real: |covariance - pretrained|",
+        "real: no rescaling",
     ],
 }
 

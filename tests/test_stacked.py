@@ -30,6 +30,7 @@ def _compare(models_seq, models_st, hists_seq, hists_st):
         for key in ("train_acc", "train_loss"):
             assert max(abs(u - v) for u, v in zip(ha["eval"][key], hb["eval"][key])) < 1e-12
         assert ha["callbacks"]["step"] == hb["callbacks"]["step"]
+        assert ha["callbacks"].get("h") == hb["callbacks"].get("h")
         assert max(abs(u - v) for u, v in zip(ha["callbacks"]["w"], hb["callbacks"]["w"])) < 1e-12
 
 
@@ -40,7 +41,8 @@ def _probe(model, step):
 def test_stacked_cnn_members_match_their_sequential_runs(small):
     x, y = small
     make = [lambda s=s: M.two_layer_cnn(filters=6, hidden=8, first_layer_std=0.002, seed=s).double() for s in (0, 1, 2)]
-    kw = dict(steps=12, lr=0.05, momentum=0.9, batch_size=32, log_every=4, eval_every=6, callbacks=[(5, _probe)])
+    two = [(5, _probe), ([6], lambda m, s: {"h": s})]  # two probes: each step listed once
+    kw = dict(steps=12, lr=0.05, momentum=0.9, batch_size=32, log_every=4, eval_every=6, callbacks=two)
     seq = [make[i]() for i in range(3)]
     hs = [
         train(m, x, y, data_seed=10 + i, dtype=torch.float64, dev=CPU, eval_sets={"train": (x, y)}, **kw)

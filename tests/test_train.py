@@ -79,6 +79,16 @@ def test_epoch_budget_and_callbacks(small):
         callbacks=[([3, 5], lambda m, s: {"v": [s, 2 * s]})],
     )
     assert listed["callbacks"]["step"] == [0, 3, 5, 7] and listed["callbacks"]["v"][1] == [3.0, 6.0]
+    both = train(  # two probes: each step is listed once; each probe's values at its own steps (0 and the end always)
+        _model(),
+        x,
+        y,
+        steps=4,
+        batch_size=100,
+        dev=torch.device("cpu"),
+        callbacks=[(1, lambda m, s: {"a": s}), ([4], lambda m, s: {"b": s})],
+    )
+    assert both["callbacks"] == {"step": [0, 1, 2, 3, 4], "a": [0.0, 1.0, 2.0, 3.0, 4.0], "b": [0.0, 4.0]}
 
 
 def test_cpu_training_is_deterministic(small):
