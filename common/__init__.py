@@ -14,6 +14,7 @@ from .alignment import (
     transfer_function,
     weight_covariance,
 )
+from .budget import BudgetExceeded, Plan
 from .cache import cached_run, run_key
 from .data import (
     Cifar10,
@@ -38,7 +39,7 @@ from .models import (
     vgg16,
     wrn,
 )
-from .probes import FirstLayerFilters, FirstLayerMisalignment, FirstLayerSecondMoment
+from .probes import FirstLayerFilters, FirstLayerMisalignment, FirstLayerSecondMoment, ReluActivity
 from .report import Claims, Notebook, resolve_preset
 from .stacked import train_stacked
 from .train import cached_train, cached_train_many, device, evaluate, reproducible, train

@@ -75,6 +75,24 @@ class FirstLayerFilters(Probe):
         return {"W": A.filter_matrix(first_layer(model)).flatten().tolist()}
 
 
+class ReluActivity(Probe):
+    """How much of each ReLU layer fires on the fixed inputs ``x (N, ...)`` (:func:`relu_activity`): records
+    ``active_fraction`` and ``dead_channels``, one float per ``nn.ReLU`` module. Recorded at step 0 it is the
+    state at the switch to the downstream task, so the measurement needs no stored weights."""
+
+    name = "relu_activity"
+
+    def __init__(self, x: torch.Tensor, every: Every):
+        super().__init__(every)
+        self.x = x
+
+    def params(self):
+        return {"x": self.x}
+
+    def __call__(self, model, step):
+        return relu_activity(model, self.x)
+
+
 @torch.no_grad()
 def relu_activity(model: nn.Module, x: torch.Tensor, batch_size: int = 500) -> Dict[str, list]:
     """Per ReLU layer, how much of it fires on the inputs ``x (N, ...)`` (the paper's Section 3:

@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from . import cache
+from . import budget, cache
 from .data import REPO_ROOT
 from .train import reproducible
 
@@ -192,6 +192,7 @@ class Notebook:
         self.fake = False
         self.claims = Claims()
         self._ledger0 = len(cache.LEDGER)
+        self._plan: Optional[budget.Plan] = None
         print(
             f"preset {self.preset}"
             + (f", overrides {self.overrides}" if self.overrides else "")
@@ -233,6 +234,14 @@ class Notebook:
         print("saved", *paths)
         return paths
 
+    def plan(self, max_minutes: Optional[float], hint: str = "") -> budget.Plan:
+        """A :class:`common.budget.Plan` for this execution: ``with nb.plan(MAX_MINUTES, "SEEDS"):`` around
+        the calls of the notebook's run functions prints which runs are missing and their measured ETA, and
+        refuses (``BudgetExceeded``) past ``max_minutes``; ``hint`` names the knobs that shrink the work.
+        Its summary goes into the claims JSON."""
+        self._plan = budget.Plan(max_minutes, hint=hint)
+        return self._plan
+
     def runs_summary(self) -> dict:
         """The distinct runs this execution used, how each was first obtained (trained now, read from the local
         cache, read from the committed results/), and their summed training wall time."""
@@ -264,6 +273,7 @@ class Notebook:
             "code_fingerprint": cache.code_fingerprint(),
             "wall_s": round(time.time() - self.t0, 1),
             "run_sources": self.runs_summary(),
+            "plan": self._plan.summary() if self._plan else None,
             **(extra or {}),
         }
         path.write_text(json.dumps(doc, indent=1, default=str))

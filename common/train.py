@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import cache
+from . import budget, cache
 from .data import DeviceLoader
 
 
@@ -317,6 +317,8 @@ def cached_train(
     from .models import first_layer
 
     key = _train_key(model, x, y, init, probes, eval_sets, keep, train_kwargs)
+    if budget.planning():  # inside a Plan nothing trains: a stored run or a placeholder comes back
+        return budget.ACTIVE.add(key, force, model, x, y, probes, eval_sets, train_kwargs)
 
     def fn(scratch):
         net = model.build()
@@ -377,6 +379,11 @@ def cached_train_many(
         _train_key(m, x, yi, None, probes, eval_sets, keep, {**train_kwargs, "data_seed": s})
         for m, yi, s in zip(models, ys, data_seeds)
     ]
+    if budget.planning():
+        return [
+            budget.ACTIVE.add(k, force, m, x, yi, probes, eval_sets, {**train_kwargs, "data_seed": s}, stack)
+            for k, m, yi, s in zip(keys, models, ys, data_seeds)
+        ]
 
     def one(i):
         return cached_train(

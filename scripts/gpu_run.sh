@@ -8,7 +8,8 @@
 # CIFAR-10: $CIFAR10_ROOT, else built from .cifar10-part1..3 in the repository root if they are there (three
 # folders of PNG batches, each with the cifar10_offline.py that rebuilds the pickles). Each notebook's finished runs are
 # exported to results/<figure>/ as they complete, so a preset cut off by the budget keeps what it finished and
-# the next session trains only what is missing. Dry run on a CPU: PRESET=smoke scripts/gpu_run.sh 2 /tmp/out
+# the next session trains only what is missing. First (PLAN_FIRST=1, the default) each notebook prints its plan: the
+# runs still missing and their ETA measured on this device, nothing trained. Dry run on a CPU: PRESET=smoke scripts/gpu_run.sh 2 /tmp/out
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BUDGET_MIN=${1:?usage: scripts/gpu_run.sh BUDGET_MINUTES [OUT_DIR]}
@@ -36,11 +37,22 @@ timeout $(( $(left) > 120 ? 120 : $(left) )) $PY -m pytest -q -p no:cacheprovide
 say "throughput benchmark"
 timeout $(( $(left) > 90 ? 90 : $(left) )) $PY benchmarks/throughput.py --repeats 2 2>&1 | tee runs/bench.txt | tail -12 | tee -a "$LOG"
 
+if [ "${PLAN_FIRST:-1}" = 1 ]; then
+  # every notebook's plan on this device, nothing trained (MAX_MINUTES=0 refuses after printing the measured ETA)
+  say "ETA of the missing $PRESET runs on this device"
+  for nb in $ORDER; do
+    [ "$(left)" -lt 240 ] && break
+    timeout 60 $PY -m common.notebooks --preset "$PRESET" --engine inprocess --only "$nb" --fig-dir runs/plan_figures \
+      -p MAX_MINUTES=0 2>&1 | tr '\r' '\n' | grep -E '^(plan:|\||ETA )' | tee -a "$LOG"
+  done
+fi
+
 for nb in $ORDER; do
   t=$(left)
   if [ "$t" -lt 30 ]; then say "budget spent; not starting $nb"; continue; fi
   say "notebook $nb, preset $PRESET, at most ${t}s"
-  timeout "$t" $PY -m common.notebooks --preset "$PRESET" --engine inprocess --only "$nb" --fig-dir figures \
+  # MAX_MINUTES=None: a preset longer than the window still trains what it can; finished runs go to results/
+  timeout "$t" $PY -m common.notebooks --preset "$PRESET" --engine inprocess --only "$nb" --fig-dir figures -p MAX_MINUTES=None \
     2>&1 | tr '\r' '\n' | grep -v 'it/s' | tail -30 | tee -a "$LOG"
   [ "${PIPESTATUS[0]}" = 124 ] && say "notebook $nb stopped at the budget; its finished runs are in results/"
 done

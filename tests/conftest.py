@@ -28,6 +28,7 @@ def cifar():
 
 @pytest.fixture(autouse=True)
 def _isolated_outputs(tmp_path, monkeypatch):
-    """Run caches and figures of tests go to a temporary folder, never into the repository."""
+    """Run caches, exported results and figures of tests go to a temporary folder, never into the repository."""
     monkeypatch.setenv("RUNS_DIR", str(tmp_path / "runs"))
     monkeypatch.setenv("FIG_DIR", str(tmp_path / "figures"))
+    monkeypatch.setenv("RESULTS_DIR", str(tmp_path / "results"))

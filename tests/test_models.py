@@ -105,3 +105,20 @@ def test_relu_activity_against_a_hand_loop():
         assert abs(frac - (a > 0).float().mean().item()) < 1e-6
         per_channel = (a > 0).permute(1, 0, 2, 3).flatten(1).any(1)
         assert abs(dead - (1 - per_channel.float().mean().item())) < 1e-6
+
+
+def test_relu_activity_probe_records_the_state_at_the_switch():
+    """At step 0 of a run the probe sees the network as it starts (e.g. right after a transfer)."""
+    from common.probes import ReluActivity, relu_activity
+    from common.train import train
+
+    net = M.vgg16(width=0.0625, num_classes=10, seed=1)
+    x = torch.randn(64, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    y = torch.randint(0, 10, (64,), generator=torch.Generator().manual_seed(2))
+    want = relu_activity(net, x[:16])
+    probe = ReluActivity(x[:16], every=[0])
+    assert probe.key()["x"] is not None and probe.key()["every"] == [0]
+    hist = train(net, x, y, steps=3, batch_size=16, lr=0.05, callbacks=[(probe.every, probe)], dev=torch.device("cpu"))
+    assert hist["callbacks"]["step"] == [0, 3]
+    assert hist["callbacks"]["active_fraction"][0] == pytest.approx(want["active_fraction"], abs=1e-12)
+    assert hist["callbacks"]["dead_channels"][0] == pytest.approx(want["dead_channels"], abs=1e-12)

@@ -1,0 +1,116 @@
+"""The plan that runs before a notebook trains: it trains nothing, finds stored runs (local cache and
+results/), counts records as the training loop makes them, estimates within a factor of the real
+wall time, and refuses past MAX_MINUTES."""
+
+import time
+
+import pytest
+import torch
+
+import common as C
+from common import budget, cache
+from common.data import fake_cifar10, standardized
+
+
+@pytest.fixture(scope="module")
+def small():
+    d = fake_cifar10(512, seed=0)
+    x, _ = standardized(d)
+    return x, d.y_train
+
+
+def _run(x, y, seed=0, steps=40, **kw):
+    probes = [C.FirstLayerMisalignment({"r": C.random_orthonormal_basis(27, 0)}, every=7)]
+    return C.cached_train(
+        C.spec("two_layer_cnn", filters=32, hidden=16, seed=seed),
+        x,
+        y,
+        probes=probes,
+        eval_sets={"train": (x[:256], y[:256])},
+        steps=steps,
+        batch_size=64,
+        eval_every=10,
+        eval_at=[3],
+        data_seed=seed,
+        **kw,
+    )
+
+
+def test_inside_a_plan_nothing_trains_and_missing_runs_are_counted(small):
+    x, y = small
+    n0 = len(cache.LEDGER)
+    with C.Plan(None) as plan:
+        got = [_run(x, y, s) for s in (0, 1)]
+        again = _run(x, y, 0)  # the same run asked twice is one run to train
+    assert not budget.planning()
+    assert [r.source for r in got] == ["pending", "pending"] and again.history is None
+    assert len(plan.pending) == 2 and len(plan.rows) == 1 and plan.rows[0]["runs"] == 2
+    assert plan.eta_s > 0
+    assert not cache.cache_dir().exists() or not any(cache.cache_dir().iterdir())
+    assert len(cache.LEDGER) == n0
+    # a transfer variant of a missing upstream run is missing too (its key names the placeholder)
+    with C.Plan(None) as plan:
+        up = _run(x, y, 0)
+        v = C.Variant("covariance", up, 0)
+        down = C.cached_train(
+            C.spec("two_layer_cnn", filters=32, hidden=16, seed=9), x, y, init=v, steps=5, batch_size=64
+        )
+    assert down.source == "pending" and len(plan.pending) == 2
+
+
+def test_stored_runs_come_back_and_cost_nothing_even_from_results(small, tmp_path, monkeypatch):
+    x, y = small
+    trained = _run(x, y, 0, export="figtest")  # local cache + results/figtest
+    with C.Plan(max_minutes=0) as plan:  # a zero budget refuses anything that must train
+        r = _run(x, y, 0)
+    assert r.source == "cache" and r.history == trained.history and plan.eta_s == 0
+    assert plan.stored == {"cache": 1, "results": 0}
+    # a laptop without the local cache: the committed record is found, nothing is refused
+    monkeypatch.setenv("RUNS_DIR", str(tmp_path / "empty"))
+    with C.Plan(max_minutes=0) as plan:
+        r = _run(x, y, 0)
+    assert r.source == "results" and r.history["eval"] == trained.history["eval"]
+    assert plan.stored == {"cache": 0, "results": 1} and not plan.pending
+
+
+def test_refuses_past_max_minutes_before_training(small):
+    x, y = small
+    with pytest.raises(C.BudgetExceeded, match="nothing was trained. .*lower SEEDS"):
+        with C.Plan(max_minutes=1e-6, hint="SEEDS") as plan:
+            _run(x, y, 0)
+    assert plan.eta_s > 0 and not budget.planning()
+    assert not cache.cache_dir().exists() or not [p for p in cache.cache_dir().iterdir() if p.is_dir()]
+
+
+@pytest.mark.parametrize("steps", [1, 10, 40, 41])
+def test_record_counts_follow_the_training_loop(small, steps):
+    """Independent reference: the evaluations and probe calls a real run records."""
+    x, y = small
+    h = _run(x, y, 0, steps=steps).history
+    assert budget.n_records(steps, 10, [3]) == len(h["eval"]["step"])
+    assert budget.n_records(steps, 7) == len(h["callbacks"]["step"])
+    assert budget.n_records(steps, [5, 20]) == len({0, steps} | {s for s in (5, 20) if s < steps})
+
+
+def test_eta_is_within_a_factor_of_the_real_time(small):
+    x, y = small
+    torch.manual_seed(0)
+    with C.Plan(None, warm=3, timed=10) as plan:
+        for s in (0, 1):
+            _run(x, y, s, steps=150)
+    t0 = time.perf_counter()
+    for s in (0, 1):
+        _run(x, y, s, steps=150)
+    real = time.perf_counter() - t0
+    assert real / 2.5 < plan.eta_s < real * 2.5, (plan.eta_s, real)
+
+
+def test_stacked_groups_are_timed_with_the_stacked_trainer(small):
+    x, y = small
+    xf = x.flatten(1)[:, :30].contiguous()
+    models = [C.spec("two_layer_fc", d_in=30, h1=32, h2=16, seed=s) for s in range(5)]
+    with C.Plan(None) as plan:
+        runs = C.cached_train_many(models, xf, y, data_seeds=list(range(5)), stack=2, steps=20, batch_size=64)
+    assert [r.source for r in runs] == ["pending"] * 5
+    assert plan.rows[0]["runs"] == 5 and plan.rows[0]["chunks"] == 3 and "stacked by 2" in plan.rows[0]["what"]
+    assert plan.eta_s == pytest.approx(3 * plan.rows[0]["run_s"])
