@@ -86,3 +86,22 @@ def test_smoke_run_writes_figure_and_claims(nb, tmp_path):
         assert (figs / f"{stem}.pdf").is_file()
     for prefix in EXPECTED.get(nb.stem, []):
         assert any(n.startswith(prefix) for n in names), (prefix, names)
+    # executed again, the notebook's plan finds every run stored: even MAX_MINUTES = 0 lets it re-plot
+    figs2 = tmp_path / "figures2"
+    row = run_notebook(nb, "smoke", figs2, tmp_path / "out2", extra={"MAX_MINUTES": 0})
+    assert row["error"] is None, row["error"]
+    plans = [json.loads(js.read_text())["plan"] for js in figs2.glob("*.smoke*.json")]
+    assert plans and all(p["to_train"] == 0 and p["eta_s"] == 0 and sum(p["stored"].values()) > 0 for p in plans)
+
+
+@pytest.mark.notebook
+def test_a_notebook_refuses_past_max_minutes_before_training(tmp_path):
+    from common.notebooks import run_notebook
+
+    nb = ROOT / "notebooks" / "02_misalignment.ipynb"
+    figs = tmp_path / "figures"
+    row = run_notebook(nb, "smoke", figs, tmp_path / "out", engine="inprocess", extra={"MAX_MINUTES": 0})
+    assert row["error"] and "BudgetExceeded" in row["error"] and "nothing was trained" in row["error"]
+    assert not list(figs.glob("*.json"))
+    cache = tmp_path / "runs" / "cache"
+    assert not cache.exists() or not [p for p in cache.iterdir() if p.is_dir() and not p.name.endswith(".partial")]
