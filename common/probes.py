@@ -101,8 +101,11 @@ def relu_activity(model: nn.Module, x: torch.Tensor, batch_size: int = 500) -> D
     Returns ``{"active_fraction": [...], "dead_channels": [...]}``, one float per ``nn.ReLU`` module
     in forward order: the fraction of activations ``a[n, c, h, w] > 0`` over all inputs and positions,
     and the fraction of channels (or units) that are 0 for every input and position. Runs in eval
-    mode on the model's device; the model's mode is restored."""
+    mode on the model's device; the model's mode is restored. Raises ValueError for a model without
+    ``nn.ReLU`` modules (the 2-layer nets and the WRN apply ``torch.relu`` functionally)."""
     relus = [m for m in model.modules() if isinstance(m, nn.ReLU)]
+    if not relus:
+        raise ValueError(f"{type(model).__name__} has no nn.ReLU modules (a functional relu is invisible to hooks)")
     dev = next(model.parameters()).device
     pos = [0.0] * len(relus)
     total = [0] * len(relus)

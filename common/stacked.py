@@ -27,7 +27,7 @@ from torch import nn
 
 from .data import DeviceLoader
 from .models import TwoLayerCNN, TwoLayerFC
-from .train import _autocast, _due, _wide, device, lr_at
+from .train import _autocast, _due_callbacks, _record_callbacks, _wide, device, lr_at
 
 
 class StackedNet(nn.Module):
@@ -157,17 +157,11 @@ def train_stacked(
                 add("eval", f"{name}_loss", (loss / len(xe)).tolist())
                 add("eval", f"{name}_acc", [c / len(xe) for c in correct.tolist()])
             net.train()
-        if callbacks:
+        due = _due_callbacks(callbacks, s, steps)
+        if due:  # the members' current weights, written back only when a callback reads them
             net.write_back(models)
-            due = [fn for every, fn in callbacks if s == 0 or s == steps or _due(every, s)]
             for h, m in zip(hists, models):
-                if due:
-                    h["callbacks"].setdefault("step", []).append(s)
-                for fn in due:
-                    for key, val in fn(m, s).items():
-                        h["callbacks"].setdefault(key, []).append(
-                            [float(v) for v in val] if isinstance(val, (list, tuple)) else float(val)
-                        )
+                _record_callbacks(h["callbacks"], due, m, s)
 
     t0 = time.time()
     record(0)

@@ -112,6 +112,22 @@ def _due(every, s: int) -> bool:
     return (s in every) if isinstance(every, (set, list, tuple)) else (s % every == 0)
 
 
+def _due_callbacks(callbacks, s: int, steps: int) -> list:
+    """The callback functions of ``callbacks`` (``(every, fn)`` pairs) that run at step ``s`` of ``steps``: all of
+    them at step 0 and at the end, otherwise those whose schedule is due (:func:`_due`)."""
+    return [fn for every, fn in callbacks if s == 0 or s == steps or _due(every, s)]
+
+
+def _record_callbacks(table: dict, due: list, model, s: int) -> None:
+    """Call each function in ``due`` as ``fn(model, s)`` and append its values to ``table`` (lists of floats stay
+    lists), with ``s`` appended once to ``table["step"]`` when anything ran."""
+    if due:
+        _append(table, "step", s)
+    for fn in due:
+        for key, val in fn(model, s).items():
+            _append(table, key, [float(v) for v in val] if isinstance(val, (list, tuple)) else float(val))
+
+
 def train(
     model: nn.Module,
     x: torch.Tensor,
@@ -196,14 +212,7 @@ def train(
                 loss, acc = evaluate(model, xe, ye, dev=dev)
                 _append(hist["eval"], f"{name}_loss", loss)
                 _append(hist["eval"], f"{name}_acc", acc)
-        due = [fn for every, fn in callbacks if s == 0 or s == steps or _due(every, s)]
-        if due:
-            _append(hist["callbacks"], "step", s)
-        for fn in due:
-            for key, val in fn(model, s).items():
-                _append(
-                    hist["callbacks"], key, [float(v) for v in val] if isinstance(val, (list, tuple)) else float(val)
-                )
+        _record_callbacks(hist["callbacks"], _due_callbacks(callbacks, s, steps), model, s)
 
     from tqdm import tqdm  # plain text bars: they reach a terminal from papermill and in-process runs alike
 

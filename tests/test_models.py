@@ -122,3 +122,10 @@ def test_relu_activity_probe_records_the_state_at_the_switch():
     assert hist["callbacks"]["step"] == [0, 3]
     assert hist["callbacks"]["active_fraction"][0] == pytest.approx(want["active_fraction"], abs=1e-12)
     assert hist["callbacks"]["dead_channels"][0] == pytest.approx(want["dead_channels"], abs=1e-12)
+
+
+def test_relu_activity_refuses_a_network_with_functional_relus():
+    from common.probes import relu_activity
+
+    with pytest.raises(ValueError, match="no nn.ReLU"):
+        relu_activity(M.two_layer_cnn(filters=8, hidden=8, seed=0), torch.randn(4, 3, 32, 32))
