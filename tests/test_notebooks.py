@@ -86,7 +86,10 @@ def test_smoke_run_writes_figure_and_claims(nb, tmp_path):
         assert (figs / f"{stem}.pdf").is_file()
     for prefix in EXPECTED.get(nb.stem, []):
         assert any(n.startswith(prefix) for n in names), (prefix, names)
-    # executed again, the notebook's plan finds every run stored: even MAX_MINUTES = 0 lets it re-plot
+    # executed again, the notebook's plan finds every run stored: even MAX_MINUTES = 0 lets it re-plot (checked for two
+    # notebooks, one with transfer variants keyed on upstream runs, to keep the suite short)
+    if nb.stem not in ("02_misalignment", "05_transfer_variants"):
+        return
     figs2 = tmp_path / "figures2"
     row = run_notebook(nb, "smoke", figs2, tmp_path / "out2", extra={"MAX_MINUTES": 0})
     assert row["error"] is None, row["error"]
