@@ -27,6 +27,7 @@ import hashlib
 import io
 import json
 import os
+import pickle
 import shutil
 import subprocess
 import time
@@ -194,13 +195,14 @@ class CachedResult:
     CPU), ``key`` (its full key), ``hash``, ``path`` (entry folder or results file), ``source``
     (``"computed"``, ``"cache"`` or ``"results"``) and ``hit``.
 
-    An entry read from ``results/`` has no weights: asking for ``states`` then recomputes the
-    run once (and stores it in the local cache)."""
+    A local entry's weights are read from disk the first time ``states`` is asked for (a look-up that only needs
+    the history reads no weights); an unreadable file is recomputed then. An entry read from ``results/`` has no
+    weights: asking for ``states`` then recomputes the run once (and stores it in the local cache)."""
 
-    def __init__(self, key, history, states, path, source, recompute=None):
+    def __init__(self, key, history, states, path, source, recompute=None, load=None):
         self.key, self.history, self.path, self.source = key, history, Path(path), source
         self.hash = key_hash(key)
-        self._states, self._recompute = states, recompute
+        self._states, self._recompute, self._load = states, recompute, load
 
     @property
     def hit(self) -> bool:
@@ -208,6 +210,12 @@ class CachedResult:
 
     @property
     def states(self) -> dict:
+        if self._states is None and self._load is not None:
+            try:
+                self._states = self._load()
+            except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as err:
+                print(f"cache: weights of {self.path.name} unreadable ({type(err).__name__}: {err}); recomputing")
+            self._load = None
         if self._states is None:
             if self._recompute is None:
                 raise RuntimeError(f"run {self.hash} has no stored weights")
@@ -223,8 +231,9 @@ def _read_local(entry: Path, key: dict) -> Optional[tuple]:
             print(f"cache: entry {entry.name} holds a different key; recomputing it")
             return None
         history = json.loads((entry / "history.json").read_text())
-        states = torch.load(entry / "states.pt", map_location="cpu", weights_only=False)
-        return history, states
+        if not (entry / "states.pt").is_file():
+            raise OSError("states.pt missing")
+        return history, lambda: torch.load(entry / "states.pt", map_location="cpu", weights_only=False)
     except (OSError, ValueError, RuntimeError, EOFError) as err:
         print(f"cache: entry {entry.name} unreadable ({type(err).__name__}: {err}); recomputing it")
         return None
@@ -259,7 +268,7 @@ def lookup(key: dict, root: Optional[os.PathLike] = None, recompute: Optional[Ca
     if (base / h).is_dir():
         got = _read_local(base / h, key)
         if got is not None:
-            return CachedResult(key, got[0], got[1], base / h, "cache")
+            return CachedResult(key, got[0], None, base / h, "cache", recompute=recompute, load=got[1])
     got = _read_results(h, key)
     if got is not None:
         return CachedResult(key, got[0], None, got[1], "results", recompute=recompute)

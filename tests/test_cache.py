@@ -176,3 +176,18 @@ def test_probe_contents_are_part_of_the_key(tiny, tmp_path, monkeypatch):
     assert not _train(tiny, model=spec("two_layer_cnn", filters=32, hidden=8, seed=0), probes=[p1]).hit
     assert _train(tiny, model=spec("two_layer_cnn", filters=32, hidden=8, seed=0), probes=[p1]).hit
     assert not _train(tiny, model=spec("two_layer_cnn", filters=32, hidden=8, seed=0), probes=[p2]).hit
+
+
+def test_a_look_up_reads_weights_only_when_asked_and_recomputes_unreadable_ones(tmp_path, monkeypatch):
+    calls, loads = [], []
+    key = C.run_key(lr=0.3)
+    C.cached_run(key, _fn(calls, 2.0), root=tmp_path)
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append(a) or real_load(*a, **k))
+    hit = C.cached_run(key, _fn(calls, 2.0), root=tmp_path)
+    assert hit.history == {"acc": [2.0]} and loads == []  # the history alone reads no weights
+    assert torch.equal(hit.states["w"], torch.full((2,), 2.0)) and len(loads) == 1
+    (hit.path / "states.pt").write_bytes(b"not a checkpoint")
+    again = C.cached_run(key, _fn(calls, 2.0), root=tmp_path)
+    assert again.source == "cache" and len(calls) == 1
+    assert torch.equal(again.states["w"], torch.full((2,), 2.0)) and len(calls) == 2  # recomputed on access
