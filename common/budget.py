@@ -29,7 +29,6 @@ and charged once per chunk. Saving a run to the cache is not counted.
 
 from __future__ import annotations
 
-import inspect
 import math
 import time
 from typing import Optional
@@ -58,14 +57,12 @@ def planning() -> bool:
 
 def n_records(steps: int, every=None, at=()) -> int:
     """How many times :func:`common.train.train` records something with schedule ``every`` (a period, a
-    list of steps or None) and extra steps ``at`` over a run of ``steps`` steps: always at step 0 and at
-    the end, plus every due step in between."""
-    from .train import _due
+    list of steps or None) and extra steps ``at`` over a run of ``steps`` steps (the rule it follows,
+    :func:`common.train._recorded_at`: step 0, the end, and every due step in between)."""
+    from .train import _recorded_at
 
-    due = {0, steps} | {s for s in at if 0 <= s <= steps}
-    if every:
-        due |= {s for s in range(1, steps) if _due(every, s)}
-    return len(due)
+    at = set(at)
+    return sum(_recorded_at(s, steps, every, at) for s in range(steps + 1))
 
 
 def _sync(dev) -> None:
@@ -77,25 +74,19 @@ class _Pending:
     """One missing run: how to build it and train it for a few steps, and the group it is costed with."""
 
     def __init__(self, model, x, y, probes, eval_sets, train_kwargs, stack, dev):
-        from .train import train
+        from .train import n_steps, train_arguments
 
         self.model, self.x, self.y, self.probes, self.dev = model, x, y, list(probes), dev
         self.eval_sets = eval_sets or {}
         self.stack = max(1, int(stack))
-        kw = dict(train_kwargs)
-        batch = kw.get("batch_size", 256)
-        if kw.get("steps") is None:
-            kw["steps"] = math.ceil(kw["epochs"] * len(y) / min(batch, len(y)))
-        kw.pop("epochs", None)
-        self.steps = int(kw.pop("steps"))
-        self.eval_every, self.eval_at = kw.pop("eval_every", None), tuple(kw.pop("eval_at", ()))
-        kw.pop("data_seed", None)
-        self.kw = kw  # the rest: batch size, dtype, logging, optimiser (same for the timing calls)
+        args = train_arguments(train_kwargs)  # every keyed argument of train, defaults filled in
+        self.steps = n_steps(args["steps"], args["epochs"], len(y), args["batch_size"])
+        self.eval_every, self.eval_at = args["eval_every"], tuple(args["eval_at"])
+        schedule_args = {"steps", "epochs", "eval_every", "eval_at", "data_seed"}
+        # what the timing calls pass to train besides their own steps, evaluation sets and callbacks
+        self.kw = {k: v for k, v in train_kwargs.items() if k not in schedule_args}
         spec = {k: v for k, v in model.key().items() if k not in _FREE_SPEC_ARGS}
-        defaults = {k: p.default for k, p in inspect.signature(train).parameters.items()}
-        hyper = {k: v for k, v in {**defaults, **kw}.items() if k in defaults and k not in _FREE_TRAIN_ARGS}
-        for k in ("model", "x", "y", "eval_sets", "callbacks", "dev", "steps", "epochs", "eval_every", "eval_at"):
-            hyper.pop(k, None)
+        hyper = {k: v for k, v in args.items() if k not in _FREE_TRAIN_ARGS | schedule_args}
         self.group = cache.canonical(
             dict(
                 spec=spec,

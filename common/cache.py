@@ -46,7 +46,7 @@ from .data import REPO_ROOT
 CACHE_VERSION = "2"
 
 #: Modules whose code decides what a run computes; their normalised source is in every key.
-CODE_MODULES = ("alignment", "data", "models", "probes", "train", "transfer")
+CODE_MODULES = ("alignment", "data", "models", "probes", "stacked", "train", "transfer")
 
 #: Runs computed or read in this process, in order (``Notebook`` summarises them).
 LEDGER: list = []

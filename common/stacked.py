@@ -17,7 +17,6 @@ Stacked layouts (N members, batch B):
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
@@ -27,7 +26,7 @@ from torch import nn
 
 from .data import DeviceLoader
 from .models import TwoLayerCNN, TwoLayerFC
-from .train import _autocast, _due_callbacks, _record_callbacks, _wide, device, lr_at
+from .train import _autocast, _due_callbacks, _record_callbacks, _recorded_at, _wide, device, lr_at, n_steps
 
 
 class StackedNet(nn.Module):
@@ -119,10 +118,7 @@ def train_stacked(
     ys = list(ys) if isinstance(ys, (list, tuple)) else [ys] * n
     if len(ys) != n or len(data_seeds) != n:
         raise ValueError("give one label tensor (or one for all) and one data seed per member")
-    if steps is None:
-        if epochs is None:
-            raise ValueError("give steps or epochs")
-        steps = math.ceil(epochs * len(x) / min(batch_size, len(x)))
+    steps = n_steps(steps, epochs, len(x), batch_size)
     models = [m.to(dev, dtype) for m in models]  # in place: weights are written back into them
     net = StackedNet(models).to(dev, dtype)
     net.train()
@@ -133,6 +129,7 @@ def train_stacked(
         ye = list(ye) if isinstance(ye, (list, tuple)) else [ye] * n
         evals[name] = (xe.to(dev, dtype), torch.stack([t.to(dev) for t in ye]))
     eval_at = set(eval_at)
+    chunk = max(1, 2000 // n)  # evaluation images per forward pass: n * chunk member-images, as one unstacked batch
     hists = [{"train": {}, "eval": {}, "callbacks": {}} for _ in range(n)]
 
     def add(table, key, values):
@@ -141,17 +138,17 @@ def train_stacked(
 
     @torch.no_grad()
     def record(s):
-        if evals and (s == 0 or s == steps or s in eval_at or (eval_every and s % eval_every == 0)):
+        if evals and _recorded_at(s, steps, eval_every, eval_at):
             add("eval", "step", [s] * n)
             net.eval()
             for name, (xe, ye) in evals.items():
                 loss = torch.zeros(n, dtype=torch.float64, device=dev)
                 correct = torch.zeros(n, dtype=torch.int64, device=dev)
-                for a in range(0, len(xe), 2000):
-                    xb = xe[a : a + 2000].unsqueeze(0).expand(n, *xe[a : a + 2000].shape)
+                for a in range(0, len(xe), chunk):
+                    xb = xe[a : a + chunk].unsqueeze(0).expand(n, *xe[a : a + chunk].shape)
                     with _autocast(dev):
                         out = net(xb)
-                    yb = ye[:, a : a + 2000]
+                    yb = ye[:, a : a + chunk]
                     loss += F.cross_entropy(_wide(out).flatten(0, 1), yb.flatten(), reduction="none").view(n, -1).sum(1)
                     correct += (out.argmax(2) == yb).sum(1)
                 add("eval", f"{name}_loss", (loss / len(xe)).tolist())

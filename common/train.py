@@ -107,15 +107,31 @@ def _append(table: dict, key: str, value) -> None:
     table.setdefault(key, []).append(value)
 
 
+def n_steps(steps: Optional[int], epochs: Optional[float], n: int, batch_size: int) -> int:
+    """A run's step budget on ``n`` examples: ``steps``, or ``ceil(epochs * n / min(batch_size, n))``."""
+    if steps is not None:
+        return int(steps)
+    if epochs is None:
+        raise ValueError("give steps or epochs")
+    return math.ceil(epochs * n / min(batch_size, n))
+
+
 def _due(every, s: int) -> bool:
-    """Whether a callback with schedule ``every`` (period or list of steps) runs at step ``s``."""
+    """Whether schedule ``every`` (a period or a list of steps) is due at step ``s``."""
     return (s in every) if isinstance(every, (set, list, tuple)) else (s % every == 0)
 
 
+def _recorded_at(s: int, steps: int, every, at=()) -> bool:
+    """Whether a run of ``steps`` steps records something (evaluates its sets, calls a callback) at step
+    ``s``: always at step 0 and at the end, at the steps in ``at``, and where schedule ``every`` (a period,
+    a list of steps, or None) is due."""
+    return s == 0 or s == steps or s in at or bool(every and _due(every, s))
+
+
 def _due_callbacks(callbacks, s: int, steps: int) -> list:
-    """The callback functions of ``callbacks`` (``(every, fn)`` pairs) that run at step ``s`` of ``steps``: all of
-    them at step 0 and at the end, otherwise those whose schedule is due (:func:`_due`)."""
-    return [fn for every, fn in callbacks if s == 0 or s == steps or _due(every, s)]
+    """The callback functions of ``callbacks`` (``(every, fn)`` pairs) that run at step ``s`` of ``steps``
+    (:func:`_recorded_at`)."""
+    return [fn for every, fn in callbacks if _recorded_at(s, steps, every)]
 
 
 def _record_callbacks(table: dict, due: list, model, s: int) -> None:
@@ -173,10 +189,7 @@ def train(
     are moved to the device once, at the start.
     """
     dev = dev or device()
-    if steps is None:
-        if epochs is None:
-            raise ValueError("give steps or epochs")
-        steps = math.ceil(epochs * len(y) / min(batch_size, len(y)))
+    steps = n_steps(steps, epochs, len(y), batch_size)
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
         model = model.to(dev, dtype, memory_format=torch.channels_last)
@@ -206,7 +219,7 @@ def train(
         run_loss, run_acc, run_n = state["running"]
 
     def record(s: int) -> None:
-        if eval_sets and (s == 0 or s == steps or s in eval_at or (eval_every and s % eval_every == 0)):
+        if eval_sets and _recorded_at(s, steps, eval_every, eval_at):
             _append(hist["eval"], "step", s)
             for name, (xe, ye) in eval_sets.items():
                 loss, acc = evaluate(model, xe, ye, dev=dev)
@@ -282,14 +295,21 @@ _NOT_IN_KEY = {
 }
 
 
-def _train_key(model, x, y, init, probes, eval_sets, keep, train_kwargs) -> dict:
-    """The cache key of one run of :func:`cached_train` (also used by :func:`cached_train_many`)."""
+def train_arguments(train_kwargs: dict) -> dict:
+    """The arguments of :func:`train` that decide what a run computes (those in ``train_kwargs``, every
+    other one at its default), as they enter the run's key. Raises TypeError for one that is not keyed
+    (data, evaluation sets, callbacks, device, checkpointing: the callers pass them themselves)."""
     bad = set(train_kwargs) & _NOT_IN_KEY
     if bad:
         raise TypeError(f"pass {sorted(bad)} through cached_train's own arguments")
     bound = inspect.signature(train).bind_partial(**train_kwargs)
     bound.apply_defaults()
-    hyper = {k: v for k, v in bound.arguments.items() if k not in _NOT_IN_KEY}
+    return {k: v for k, v in bound.arguments.items() if k not in _NOT_IN_KEY}
+
+
+def _train_key(model, x, y, init, probes, eval_sets, keep, train_kwargs) -> dict:
+    """The cache key of one run of :func:`cached_train` (also used by :func:`cached_train_many`)."""
+    hyper = train_arguments(train_kwargs)
     return cache.run_key(
         model=model, init=init, x=x, y=y, eval_sets=eval_sets or {}, probes=list(probes), keep=sorted(keep), train=hyper
     )
@@ -363,6 +383,7 @@ def cached_train_many(
     ys,
     *,
     data_seeds: Sequence[int],
+    inits: Optional[Sequence] = None,
     stack: int = 1,
     probes: Sequence = (),
     eval_sets: Optional[Dict[str, Tuple[torch.Tensor, torch.Tensor]]] = None,
@@ -374,7 +395,8 @@ def cached_train_many(
     **train_kwargs,
 ) -> list:
     """Many independent runs of :func:`cached_train` (``models[i]`` a ModelSpec, labels ``ys`` or
-    ``ys[i]``, ``data_seed=data_seeds[i]``), each cached under the very key ``cached_train`` gives it.
+    ``ys[i]``, ``data_seed=data_seeds[i]``, ``init=inits[i]`` when ``inits`` is given, an entry None for
+    no init), each cached under the very key ``cached_train`` gives it.
     The missing ones are trained ``stack`` at a time with :func:`common.stacked.train_stacked` (2-layer
     CNN and FC nets; ``stack=1`` trains them one by one). A stacked member follows its sequential
     trajectory up to the kernels' summation order, so use ``stack > 1`` where runs are not compared bit
@@ -384,9 +406,12 @@ def cached_train_many(
 
     n = len(models)
     ys = list(ys) if isinstance(ys, (list, tuple)) else [ys] * n
+    inits = list(inits) if inits is not None else [None] * n
+    if not len(ys) == len(data_seeds) == len(inits) == n:
+        raise ValueError("give one label tensor (or one for all), one data seed and one init (or none) per model")
     keys = [
-        _train_key(m, x, yi, None, probes, eval_sets, keep, {**train_kwargs, "data_seed": s})
-        for m, yi, s in zip(models, ys, data_seeds)
+        _train_key(m, x, yi, init, probes, eval_sets, keep, {**train_kwargs, "data_seed": s})
+        for m, yi, init, s in zip(models, ys, inits, data_seeds)
     ]
     if budget.planning():
         return [
@@ -399,6 +424,7 @@ def cached_train_many(
             models[i],
             x,
             ys[i],
+            init=inits[i],
             probes=probes,
             eval_sets=eval_sets,
             keep=keep,
@@ -423,7 +449,10 @@ def cached_train_many(
     for a in range(0, len(todo), stack):
         chunk = todo[a : a + stack]
         nets = [models[i].build() for i in chunk]
-        inits = [{k: v.detach().clone() for k, v in net.state_dict().items()} for net in nets]
+        for i, net in zip(chunk, nets):
+            if inits[i] is not None:
+                inits[i].apply(net)
+        starts = [{k: v.detach().clone() for k, v in net.state_dict().items()} for net in nets]
         hists = train_stacked(
             nets,
             x,
@@ -434,11 +463,11 @@ def cached_train_many(
             dev=dev,
             **stacked_kwargs,
         )
-        for i, net, init, hist in zip(chunk, nets, inits, hists):
+        for i, net, start, hist in zip(chunk, nets, starts, hists):
             hist["device"] = str(torch.cuda.get_device_name(0) if next(net.parameters()).is_cuda else "cpu")
             states = {}
             if "init" in keep:
-                states["init"] = init
+                states["init"] = start
             if "trained" in keep:
                 states["trained"] = net.state_dict()
             if "first_layer" in keep:

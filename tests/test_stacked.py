@@ -113,3 +113,36 @@ def test_cached_train_many_stores_each_member_under_its_own_key(small, tmp_path,
     assert all(
         r.hit for r in cached_train_many(specs, x.float(), y, data_seeds=[0, 1, 2], stack=3, keep=["trained"], **kw)
     )
+
+
+def test_cached_train_many_with_inits_matches_sequential_transfer_runs(small, tmp_path, monkeypatch):
+    """Per-member inits (Figure 5's transfer variants): each stacked member ends where its own
+    cached_train(init=...) run does, in float64, and is stored under that run's key."""
+    from common.models import spec
+    from common.train import cached_train, cached_train_many
+    from common.transfer import Variant
+
+    monkeypatch.setenv("RUNS_DIR", str(tmp_path))
+    x, y = small
+    kw = dict(steps=6, lr=0.05, batch_size=32, dtype=torch.float64, log_every=3, dev=CPU)
+    net = spec("two_layer_cnn", filters=4, hidden=8, first_layer_std=0.002, seed=0)
+    up = cached_train(net, x.float(), y, keep=["init", "trained"], data_seed=0, **kw)
+    names = [None, "pretrained", "covariance", "no rescaling", "pretrained + FC"]
+    inits = [None if v is None else Variant(v, up, seed=3) for v in names]
+    downs = [spec("two_layer_cnn", filters=4, hidden=8, first_layer_std=0.002, seed=100 + i) for i in range(len(names))]
+    seeds = list(range(len(names)))
+    y2 = y.flip(0)
+    many = cached_train_many(
+        downs, x.float(), y2, data_seeds=seeds, inits=inits, stack=5, keep=["init", "trained"], **kw
+    )
+    assert [r.source for r in many] == ["computed"] * len(names)
+    for i, (sp, init) in enumerate(zip(downs, inits)):
+        seq = cached_train(sp, x.float(), y2, init=init, data_seed=i, keep=["init", "trained"], force=True, **kw)
+        assert seq.hash == many[i].hash
+        for which in ("init", "trained"):
+            for k, v in seq.states[which].items():
+                assert torch.allclose(v, many[i].states[which][k], rtol=0, atol=1e-12), (names[i], which, k)
+        for a, b in zip(seq.history["train"]["loss"], many[i].history["train"]["loss"]):
+            assert a == pytest.approx(b, abs=1e-12)
+    with pytest.raises(ValueError, match="one init"):
+        cached_train_many(downs, x.float(), y2, data_seeds=seeds, inits=inits[:2], stack=5, **kw)
