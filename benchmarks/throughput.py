@@ -8,7 +8,8 @@
 - engine: common.train.train (on CUDA: GPU-resident data, bf16 autocast, channels_last), timed
   from the end of the warm-up to the end of the run (model, optimiser and data setup excluded);
 - stacked-N (2-layer CNN, FC): N members trained together by common.stacked.train_stacked, images/s
-  summed over the members; stacked/engine is the per-run speed-up;
+  summed over the members, for each N of ``--stack`` (a second table); stacked/engine is the per-run
+  speed-up, the number that sizes the ``stack`` of the notebooks' GPU presets;
 - protocol (2-layer CNN): the engine running Figure 2's protocol, misalignment probe every 10 steps
   and full-set evaluation every 100, so the cost of measurements is visible.
 Synthetic CIFAR-shaped data; the same cuDNN settings for every path; each row is the mean of
@@ -164,12 +165,19 @@ def main():
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--n", type=int, default=10_000, help="synthetic images")
-    ap.add_argument("--stack", type=int, default=8, help="members of the stacked row (2-layer CNN and FC)")
+    ap.add_argument(
+        "--stack",
+        type=int,
+        nargs="+",
+        default=None,
+        help="members of the stacked rows, 2-layer CNN and FC (default 4 8 12 16 on CUDA, 4 on the CPU)",
+    )
     args = ap.parse_args()
     dev = device()
     cuda = dev.type == "cuda"
     steps = args.steps or (200 if cuda else 20)
     warm = args.warm or (20 if cuda else 3)
+    stacks = args.stack or ([4, 8, 12, 16] if cuda else [4])
     if cuda:
         torch.backends.cudnn.benchmark = True  # the same cuDNN setting for every path
     g = torch.Generator().manual_seed(0)
@@ -183,8 +191,9 @@ def main():
     )
     print(
         f"{'model':8} {'naive img/s':>12} {'bare img/s':>11} {'engine img/s':>13} {'engine/naive':>13} "
-        f"{'engine/bare':>12} {f'stacked-{args.stack} img/s':>17} {'stacked/engine':>15} {'protocol img/s':>15}"
+        f"{'engine/bare':>12} {'protocol img/s':>15}"
     )
+    engine_mean = {}
     for key in args.models:
         make = MODELS[key]
         rows = []
@@ -193,26 +202,37 @@ def main():
                 naive(make, x8, y, steps, warm, args.batch, dev),
                 bare(make, x, y, steps, warm, args.batch, dev),
                 engine(make, x, y, steps, warm, args.batch, dev),
-                stacked(make, x, y, steps, warm, args.batch, dev, args.stack) if key in ("cnn", "fc") else float("nan"),
                 float("nan"),
             ]
             if key == "cnn":  # Figure 2's protocol: misalignment every 10 steps, full-set evaluation every 100
                 eye = torch.eye(27, dtype=torch.float64)
                 probe = FirstLayerMisalignment({"data": eye, "random": eye.flip(1)}, every=10)
-                r[4] = engine(make, x, y, steps, warm, args.batch, dev, probes=[probe], eval_every=100)
+                r[3] = engine(make, x, y, steps, warm, args.batch, dev, probes=[probe], eval_every=100)
             rows.append(r)
-        mean = [sum(c) / len(c) for c in zip(*rows)]
-        spread = [f"({min(col):.0f}-{max(col):.0f})" for col in zip(*rows)]
+        mean, spread = _mean_and_range(rows)
+        engine_mean[key] = mean[2]
         print(
             f"{key:8} {mean[0]:12.0f} {mean[1]:11.0f} {mean[2]:13.0f} {mean[2] / mean[0]:12.2f}x "
-            f"{mean[2] / mean[1]:11.2f}x {mean[3]:17.0f} {mean[3] / mean[2]:14.2f}x {mean[4]:15.0f}",
+            f"{mean[2] / mean[1]:11.2f}x {mean[3]:15.0f}",
             flush=True,
         )
-        print(
-            f"{'':8} {spread[0]:>12} {spread[1]:>11} {spread[2]:>13} {'':13} {'':12} {spread[3]:>17} {'':15} "
-            f"{spread[4]:>15}",
-            flush=True,
-        )
+        print(f"{'':8} {spread[0]:>12} {spread[1]:>11} {spread[2]:>13} {'':13} {'':12} {spread[3]:>15}", flush=True)
+    stackable = [k for k in args.models if k in ("cnn", "fc")]
+    if stackable:
+        print("stacked trainer: N members in one step, img/s summed over them; per-run speed-up = stacked / engine")
+        print(f"{'model':8} {'N':>4} {'stacked img/s':>14} {'range':>15} {'stacked/engine':>15}")
+    for key in stackable:
+        for n in stacks:
+            rows = [[stacked(MODELS[key], x, y, steps, warm, args.batch, dev, n)] for _ in range(args.repeats)]
+            mean, spread = _mean_and_range(rows)
+            print(f"{key:8} {n:4d} {mean[0]:14.0f} {spread[0]:>15} {mean[0] / engine_mean[key]:14.2f}x", flush=True)
+
+
+def _mean_and_range(rows):
+    """Column means and ``"(min-max)"`` strings of ``rows`` (one list of numbers per repeat)."""
+    mean = [sum(c) / len(c) for c in zip(*rows)]
+    spread = [f"({min(c):.0f}-{max(c):.0f})" for c in zip(*rows)]
+    return mean, spread
 
 
 if __name__ == "__main__":

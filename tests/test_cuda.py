@@ -1,4 +1,5 @@
-"""The CUDA path of the training loop: bf16 autocast, channels_last, GPU-resident data, resume.
+"""The CUDA path: bf16 autocast, channels_last, GPU-resident data, resume, the stacked trainer, every network
+and probe the notebooks use, the plan's timing.
 Skipped without a GPU; run them on one with `pytest tests/test_cuda.py`."""
 
 import pytest
@@ -78,3 +79,69 @@ def test_resume_on_cuda_gives_the_same_history(small, tmp_path):
     # same batches and same state: equal up to the GPU's non-deterministic rounding
     assert hist["train"]["step"] == ref_hist["train"]["step"]
     assert max(abs(a - b) for a, b in zip(hist["train"]["loss"], ref_hist["train"]["loss"])) < 1e-2
+
+
+def test_stacked_members_match_their_sequential_runs_on_cuda_in_float64(small):
+    """The stacked trainer on the GPU (grouped convolution, batched matrix products): autocast leaves float64
+    alone, so members end where their sequential runs do, up to float64 rounding."""
+    from common.stacked import train_stacked
+
+    x, y, _, _ = small
+    kw = dict(steps=8, lr=0.05, batch_size=32, dtype=torch.float64, log_every=4, dev=CUDA)
+    for make in (
+        lambda s: M.two_layer_cnn(filters=8, hidden=16, first_layer_std=0.002, seed=s),
+        lambda s: M.two_layer_fc(3072, 32, 16, seed=s),
+    ):
+        seq = [make(s) for s in range(3)]
+        for s, m in enumerate(seq):
+            train(m, x, y, data_seed=s, **kw)
+        st = [make(s) for s in range(3)]
+        train_stacked(st, x, y, data_seeds=[0, 1, 2], **kw)
+        for a, b in zip(seq, st):
+            for (name, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
+                assert torch.allclose(pa, pb, rtol=0, atol=1e-9), name
+
+
+def test_every_model_and_probe_of_the_notebooks_runs_in_bf16_channels_last(small):
+    """One short run per network family of the notebooks, with the probes they record, on the GPU path."""
+    from common.probes import FirstLayerFilters, FirstLayerMisalignment, FirstLayerSecondMoment, ReluActivity
+
+    x, y, _, _ = small
+    eye27 = torch.eye(27, dtype=torch.float64)  # a basis for 3 x 3 x 3 patches
+    cases = [
+        (M.vgg16(width=1 / 16, seed=0), [ReluActivity(x[:64], every=[0])]),
+        (M.wrn(depth=10, widen=1, seed=0), [FirstLayerFilters(every=2), FirstLayerSecondMoment(every=2)]),
+        (
+            M.two_layer_cnn(filters=32, hidden=32, first_layer_std=0.002, seed=0),
+            [FirstLayerMisalignment({"d": eye27}, every=2)],
+        ),
+        (M.two_layer_fc(3072, 64, 32, seed=0), []),
+    ]
+    for model, probes in cases:
+        hist = train(
+            model,
+            x,
+            y,
+            steps=4,
+            lr=0.01,
+            batch_size=64,
+            eval_sets={"train": (x, y)},
+            callbacks=[(p.every, p) for p in probes],
+            dev=CUDA,
+        )
+        assert next(model.parameters()).is_cuda
+        assert all(v == v for v in hist["eval"]["train_loss"]), type(model).__name__
+        for p in probes:
+            assert hist["callbacks"], type(p).__name__
+
+
+def test_plan_times_missing_runs_on_the_gpu(small):
+    from common.budget import Plan
+    from common.models import spec
+    from common.train import cached_train
+
+    x, y, _, _ = small
+    with Plan(None, dev=CUDA) as plan:
+        r = cached_train(spec("two_layer_cnn", filters=8, hidden=16, seed=0), x, y, steps=50, batch_size=64, dev=CUDA)
+    assert r.source == "pending" and plan.eta_s > 0
+    assert torch.cuda.get_device_name(CUDA) in plan.table()
