@@ -6,10 +6,14 @@
 #
 # Needs python3 with torch, numpy, scipy, matplotlib, tqdm, pytest (no Jupyter: notebooks run in-process).
 # CIFAR-10: $CIFAR10_ROOT, else built from .cifar10-part1..3 in the repository root if they are there (three
-# folders of PNG batches, each with the cifar10_offline.py that rebuilds the pickles). Each notebook's finished runs are
-# exported to results/<figure>/ as they complete, so a preset cut off by the budget keeps what it finished and
-# the next session trains only what is missing. First (PLAN_FIRST=1, the default) each notebook prints its plan: the
-# runs still missing and their ETA measured on this device, nothing trained. Dry run on a CPU: PRESET=smoke scripts/gpu_run.sh 2 /tmp/out
+# folders of PNG batches, each with the cifar10_offline.py that rebuilds the pickles).
+# Notebooks, in priority order, in two passes:
+#   1. each with MAX_MINUTES = most of the time left: a preset whose ETA (measured on this device before anything
+#      trains) fits is trained to its figure and claims; one that does not fit prints its plan and is refused at
+#      once, and the next notebook is tried. Every notebook reached thus prints its measured ETA.
+#   2. with the time still left, the refused ones with MAX_MINUTES=None: they train what they can. Finished runs are
+#      exported to results/<figure>/ as they complete, so the next session trains only what is missing.
+# Dry run on a CPU: PRESET=smoke scripts/gpu_run.sh 4 /tmp/out
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BUDGET_MIN=${1:?usage: scripts/gpu_run.sh BUDGET_MINUTES [OUT_DIR]}
@@ -37,27 +41,32 @@ timeout $(( $(left) > 120 ? 120 : $(left) )) $PY -m pytest -q -p no:cacheprovide
 say "throughput benchmark"
 timeout $(( $(left) > 90 ? 90 : $(left) )) $PY benchmarks/throughput.py --repeats 2 2>&1 | tee runs/bench.txt | tail -12 | tee -a "$LOG"
 
-if [ "${PLAN_FIRST:-1}" = 1 ]; then
-  # every notebook's plan on this device, nothing trained (MAX_MINUTES=0 refuses after printing the measured ETA)
-  say "ETA of the missing $PRESET runs on this device"
-  for nb in $ORDER; do
-    [ "$(left)" -lt 240 ] && break
-    timeout 60 $PY -m common.notebooks --preset "$PRESET" --engine inprocess --only "$nb" --fig-dir runs/plan_figures \
-      -p MAX_MINUTES=0 2>&1 | tr '\r' '\n' | grep -E '^(plan:|\||ETA )' | tee -a "$LOG"
-  done
-fi
+run_nb() {  # run_nb NB MAX_MINUTES: one notebook in-process, at most the time left; its log in runs/gpu_nb_NB.log
+  timeout "$(left)" $PY -m common.notebooks --preset "$PRESET" --engine inprocess --only "$1" --fig-dir figures \
+    -p MAX_MINUTES="$2" > "runs/gpu_nb_$1.log" 2>&1
+  local rc=$?
+  tr '\r' '\n' < "runs/gpu_nb_$1.log" | grep -v 'it/s' | grep -E '^(plan:|\||ETA |status|PASS|FAIL|[0-9]+ passed)|done in|ERROR' \
+    | tail -40 | tee -a "$LOG"
+  [ "$rc" = 124 ] && say "notebook $1 stopped at the budget; its finished runs are in results/"
+  return 0
+}
 
-for nb in $ORDER; do
+refused=""
+for nb in $ORDER; do  # pass 1: what fits the time left trains to its figure; the rest print their plan
   t=$(left)
-  if [ "$t" -lt 30 ]; then say "budget spent; not starting $nb"; continue; fi
-  say "notebook $nb, preset $PRESET, at most ${t}s"
-  # MAX_MINUTES=None: a preset longer than the window still trains what it can; finished runs go to results/
-  timeout "$t" $PY -m common.notebooks --preset "$PRESET" --engine inprocess --only "$nb" --fig-dir figures -p MAX_MINUTES=None \
-    2>&1 | tr '\r' '\n' | grep -v 'it/s' | tail -30 | tee -a "$LOG"
-  [ "${PIPESTATUS[0]}" = 124 ] && say "notebook $nb stopped at the budget; its finished runs are in results/"
+  if [ "$t" -lt 60 ]; then say "budget spent; not starting $nb"; refused="$refused $nb"; continue; fi
+  m=$(awk -v t="$t" 'BEGIN { printf "%.1f", 0.8 * (t - 30) / 60 }')  # a margin for the figures and claims
+  say "notebook $nb, preset $PRESET, MAX_MINUTES=$m"
+  run_nb "$nb" "$m"
+  grep -q 'BudgetExceeded' "runs/gpu_nb_$nb.log" && refused="$refused $nb"
+done
+for nb in $refused; do  # pass 2: the refused ones train what they can in the time still left
+  [ "$(left)" -lt 60 ] && break
+  say "notebook $nb, preset $PRESET, MAX_MINUTES=None (runs accumulate in results/), at most $(left)s"
+  run_nb "$nb" None
 done
 
 say "packing"
 tar czf "$OUT_DIR/gpu_results.tar.gz" --ignore-failed-read $(ls figures/*."$PRESET"* 2>/dev/null) \
-  $( [ -d results ] && echo results ) runs/gpu_run.log runs/bench.txt runs/notebooks/*.log 2>>"$LOG"
+  $( [ -d results ] && echo results ) runs/gpu_run.log runs/bench.txt runs/gpu_nb_*.log 2>>"$LOG"
 say "wrote $OUT_DIR/gpu_results.tar.gz ($(du -h "$OUT_DIR/gpu_results.tar.gz" | cut -f1))"
