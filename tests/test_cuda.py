@@ -131,8 +131,8 @@ def test_every_model_and_probe_of_the_notebooks_runs_in_bf16_channels_last(small
         )
         assert next(model.parameters()).is_cuda
         assert all(v == v for v in hist["eval"]["train_loss"]), type(model).__name__
-        for p in probes:
-            assert hist["callbacks"], type(p).__name__
+        if probes:  # recorded at the start and at the end of the run, at least
+            assert hist["callbacks"]["step"][0] == 0 and hist["callbacks"]["step"][-1] == 4, type(model).__name__
 
 
 def test_plan_times_missing_runs_on_the_gpu(small):
