@@ -211,12 +211,15 @@ def main():
             rows.append(r)
         mean, spread = _mean_and_range(rows)
         engine_mean[key] = mean[2]
+        protocol, protocol_range = (f"{mean[3]:.0f}", spread[3]) if key == "cnn" else ("-", "")  # timed for cnn only
         print(
             f"{key:8} {mean[0]:12.0f} {mean[1]:11.0f} {mean[2]:13.0f} {mean[2] / mean[0]:12.2f}x "
-            f"{mean[2] / mean[1]:11.2f}x {mean[3]:15.0f}",
+            f"{mean[2] / mean[1]:11.2f}x {protocol:>15}",
             flush=True,
         )
-        print(f"{'':8} {spread[0]:>12} {spread[1]:>11} {spread[2]:>13} {'':13} {'':12} {spread[3]:>15}", flush=True)
+        print(
+            f"{'':8} {spread[0]:>12} {spread[1]:>11} {spread[2]:>13} {'':13} {'':12} {protocol_range:>15}", flush=True
+        )
     stackable = [k for k in args.models if k in ("cnn", "fc")]
     if stackable:
         print("stacked trainer: N members in one step, img/s summed over them; per-run speed-up = stacked / engine")

@@ -315,6 +315,33 @@ def _train_key(model, x, y, init, probes, eval_sets, keep, train_kwargs) -> dict
     )
 
 
+def _build(model, init, keep: Sequence[str]) -> tuple:
+    """A fresh network of ``model`` (a ModelSpec) with ``init`` applied (None: as built), and a copy of its
+    state dict when ``keep`` asks for ``"init"`` (else None): ``(net, start)``."""
+    net = model.build()
+    if init is not None:
+        init.apply(net)
+    start = {k: v.detach().clone() for k, v in net.state_dict().items()} if "init" in keep else None
+    return net, start
+
+
+def _finished(net: nn.Module, start: Optional[dict], hist: dict, keep: Sequence[str]) -> tuple:
+    """``(history, states)`` of a trained run as the cache stores it: ``hist`` with the device named under
+    ``"device"``, and the states ``keep`` asks for (``"init"``: ``start``; ``"trained"``: the state dict after
+    training; ``"first_layer"``: the first layer's)."""
+    from .models import first_layer
+
+    hist["device"] = str(torch.cuda.get_device_name(0) if next(net.parameters()).is_cuda else "cpu")
+    states = {}
+    if "init" in keep:
+        states["init"] = start
+    if "trained" in keep:
+        states["trained"] = net.state_dict()
+    if "first_layer" in keep:
+        states["first_layer"] = first_layer(net).state_dict()
+    return hist, states
+
+
 def cached_train(
     model,
     x: torch.Tensor,
@@ -343,19 +370,12 @@ def cached_train(
     filled in before keying. ``export="<figure>"`` writes the history to ``results/<figure>/``.
     Returns :class:`common.cache.CachedResult`.
     """
-    from .models import first_layer
-
     key = _train_key(model, x, y, init, probes, eval_sets, keep, train_kwargs)
     if budget.planning():  # inside a Plan nothing trains: a stored run or a placeholder comes back
         return budget.ACTIVE.add(key, force, model, x, y, probes, eval_sets, train_kwargs)
 
     def fn(scratch):
-        net = model.build()
-        if init is not None:
-            init.apply(net)
-        states = {}
-        if "init" in keep:
-            states["init"] = {k: v.detach().clone() for k, v in net.state_dict().items()}
+        net, start = _build(model, init, keep)
         hist = train(
             net,
             x,
@@ -367,12 +387,7 @@ def cached_train(
             desc=desc,
             **train_kwargs,
         )
-        hist["device"] = str(torch.cuda.get_device_name(0) if next(net.parameters()).is_cuda else "cpu")
-        if "trained" in keep:
-            states["trained"] = net.state_dict()
-        if "first_layer" in keep:
-            states["first_layer"] = first_layer(net).state_dict()
-        return hist, states
+        return _finished(net, start, hist, keep)
 
     return cache.cached_run(key, fn, force=force, need_states=need_states, export=export)
 
@@ -401,7 +416,6 @@ def cached_train_many(
     CNN and FC nets; ``stack=1`` trains them one by one). A stacked member follows its sequential
     trajectory up to the kernels' summation order, so use ``stack > 1`` where runs are not compared bit
     for bit (the GPU presets). Returns the :class:`common.cache.CachedResult` of every run, in order."""
-    from .models import first_layer
     from .stacked import train_stacked
 
     n = len(models)
@@ -448,13 +462,9 @@ def cached_train_many(
     stacked_kwargs = {k: v for k, v in train_kwargs.items() if k != "augment"}
     for a in range(0, len(todo), stack):
         chunk = todo[a : a + stack]
-        nets = [models[i].build() for i in chunk]
-        for i, net in zip(chunk, nets):
-            if inits[i] is not None:
-                inits[i].apply(net)
-        starts = [{k: v.detach().clone() for k, v in net.state_dict().items()} for net in nets]
+        built = [_build(models[i], inits[i], keep) for i in chunk]
         hists = train_stacked(
-            nets,
+            [net for net, _ in built],
             x,
             [ys[i] for i in chunk],
             data_seeds=[data_seeds[i] for i in chunk],
@@ -463,14 +473,7 @@ def cached_train_many(
             dev=dev,
             **stacked_kwargs,
         )
-        for i, net, start, hist in zip(chunk, nets, starts, hists):
-            hist["device"] = str(torch.cuda.get_device_name(0) if next(net.parameters()).is_cuda else "cpu")
-            states = {}
-            if "init" in keep:
-                states["init"] = start
-            if "trained" in keep:
-                states["trained"] = net.state_dict()
-            if "first_layer" in keep:
-                states["first_layer"] = first_layer(net).state_dict()
-            out[i] = cache.cached_run(keys[i], lambda scratch, h=hist, st=states: (h, st), force=True, export=export)
+        for i, (net, start), hist in zip(chunk, built, hists):
+            run = _finished(net, start, hist, keep)
+            out[i] = cache.cached_run(keys[i], lambda scratch, run=run: run, force=True, export=export)
     return out
