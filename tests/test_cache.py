@@ -158,6 +158,20 @@ def test_cached_train_keys_on_every_defining_value(tiny, tmp_path, monkeypatch):
         assert not _train(tiny, **change).hit, change
 
 
+def test_keep_stores_the_asked_states_and_the_init_is_a_copy_from_before_training(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("RUNS_DIR", str(tmp_path))
+    net = spec("two_layer_cnn", filters=4, hidden=8, seed=0)
+    both = _train(tiny, model=net, keep=["init", "trained"]).states
+    layer = _train(tiny, model=net, keep=["first_layer"]).states  # another key, the same CPU run
+    assert set(both) == {"init", "trained"} and set(layer) == {"first_layer"}
+    fresh = net.build().state_dict()
+    assert fresh.keys() == both["init"].keys()
+    assert all(torch.equal(fresh[k], both["init"][k]) for k in fresh)  # not the trained tensors under another name
+    assert not torch.equal(both["trained"]["conv.weight"], both["init"]["conv.weight"])  # training moved it
+    assert layer["first_layer"].keys() == {"weight", "bias"}
+    assert all(torch.equal(layer["first_layer"][k], both["trained"][f"conv.{k}"]) for k in ("weight", "bias"))
+
+
 def test_asking_for_more_seeds_reuses_the_runs_already_made(tiny, tmp_path, monkeypatch):
     monkeypatch.setenv("RUNS_DIR", str(tmp_path))
     runs = lambda seeds: [
