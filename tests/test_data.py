@@ -67,6 +67,7 @@ def test_missing_folder_offline_names_path_and_variable(tmp_path):
 
 
 def test_failed_download_fails_fast_with_url(tmp_path, monkeypatch):
+    pytest.importorskip("torchvision", reason="the download goes through torchvision (the project's [download] extra)")
     monkeypatch.setattr(D, "CIFAR10_URL", "http://127.0.0.1:9/cifar-10-python.tar.gz")
     with pytest.raises(FileNotFoundError) as err:
         D.load_cifar10(tmp_path, download=True)
