@@ -25,13 +25,23 @@ them all) and ``w`` steps with each probe (time of one call). A run's estimate i
 with the counts of evaluations and probe calls taken from the run's own schedule (the rule
 :func:`common.train.train` follows). Stacked groups are timed with ``min(stack, missing)`` members
 and charged once per chunk. Saving a run to the cache is not counted.
+
+A notebook that pools many like members (networks, seeds) plans with :meth:`Plan.fit` instead of the block:
+
+    n = nb.plan(MAX_MINUTES).fit(all_runs, cfg["n_runs"], minimum=2)   # all_runs(n): the runs of n members
+    results = all_runs(n)
+
+Its runs are collected for each count ``minimum, ..., n_max`` (a run belongs to the first count that asks for it)
+and measured once; ``fit`` returns the largest count whose missing runs fit ``MAX_MINUTES`` and refuses only when
+``minimum`` does not fit. Stored members cost nothing, so an execution after a window that trained some pools more;
+the full count is reached with ``MAX_MINUTES = None`` or by successive executions.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -73,10 +83,11 @@ def _sync(dev) -> None:
 class _Pending:
     """One missing run: how to build it and train it for a few steps, and the group it is costed with."""
 
-    def __init__(self, model, x, y, probes, eval_sets, train_kwargs, stack, dev):
+    def __init__(self, model, x, y, probes, eval_sets, train_kwargs, stack, dev, member=None):
         from .train import n_steps, train_arguments
 
         self.model, self.x, self.y, self.probes, self.dev = model, x, y, list(probes), dev
+        self.member = member  # the pooled count that first asked for this run (Plan.fit), else None
         self.eval_sets = eval_sets or {}
         self.stack = max(1, int(stack))
         args = train_arguments(train_kwargs)  # every keyed argument of train, defaults filled in
@@ -151,16 +162,21 @@ class _Pending:
 class Plan:
     """Collects the runs a block of notebook code would train (see the module docstring), measures them
     and enforces ``max_minutes`` (None: no limit). ``warm`` and ``timed``: training steps of the timing
-    calls. After the block: ``eta_s`` (estimated seconds for the missing runs), ``measure_s`` (what the
-    timing took), ``rows`` (one dict per group), ``stored`` / ``missing`` (run counts)."""
+    calls. After the block (or :meth:`fit`): ``eta_s`` (estimated seconds for the missing runs it will train),
+    ``measure_s`` (what the timing took), ``rows`` (one dict per group), ``missing`` (those runs), ``stored``
+    (run counts by where they were found) and ``pool`` (what :meth:`fit` chose, else None)."""
 
     def __init__(self, max_minutes: Optional[float] = None, warm: int = 3, timed: int = 10, hint: str = "", dev=None):
         self.max_minutes, self.warm, self.timed, self.hint, self.dev = max_minutes, warm, timed, hint, dev
-        self.pending: list = []
+        self.pending: list = []  # every missing run collected, in the order asked
+        self.missing: list = []  # those to train: all of them, or the first ``pool["used"]`` members'
         self.stored = {"cache": 0, "results": 0}
         self.eta_s = self.measure_s = 0.0
         self.rows: list = []
-        self._seen: set = set()
+        self.pool: Optional[dict] = None
+        self._seen: dict = {}  # hash -> (where it was found: "cache", "results" or None, its member)
+        self._member: Optional[int] = None
+        self._groups: list = []  # (members, cost of one run or chunk, chunk size) per group, from estimate()
 
     # ------------------------------------------------------------------ collecting (called by common.train)
 
@@ -168,61 +184,120 @@ class Plan:
         """The stored run for ``key``, or a placeholder after recording the run as missing."""
         h = cache.key_hash(key)
         found = None if force else cache.lookup(key)
-        if found is not None:
-            if h not in self._seen:
-                self.stored[found.source] += 1
-            self._seen.add(h)
-            return found
         if h not in self._seen:
-            from .train import device
+            self._seen[h] = (found.source if found is not None else None, self._member)
+            if found is None:
+                from .train import device
 
-            self._seen.add(h)
-            self.pending.append(_Pending(model, x, y, probes, eval_sets, train_kwargs, stack, self.dev or device()))
+                dev = self.dev or device()
+                self.pending.append(_Pending(model, x, y, probes, eval_sets, train_kwargs, stack, dev, self._member))
+        if found is not None:
+            return found
         return cache.CachedResult(key, None, None, ".", "pending")
 
     # ------------------------------------------------------------------ the block
 
-    def __enter__(self) -> Plan:
+    def _start(self) -> None:
         global ACTIVE
         if ACTIVE is not None:
             raise RuntimeError("a plan is already collecting runs")
         ACTIVE = self
+
+    def _stop(self) -> None:
+        global ACTIVE
+        ACTIVE = None
+        self._member = None
+
+    def __enter__(self) -> Plan:
+        self._start()
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        global ACTIVE
-        ACTIVE = None
+        self._stop()
         if exc_type is None:
             self.estimate()
             print(self.table())
             self.enforce()
         return False
 
+    def fit(self, runs: Callable[[int], object], n_max: int, minimum: int = 1) -> int:
+        """Plan a notebook that pools ``n_max`` like members: ``runs(n)`` calls every run function the notebook
+        needs when it pools its first ``n`` members (nothing trains while it does). Returns the largest ``n`` in
+        ``[minimum, n_max]`` whose missing runs fit ``max_minutes``, and prints the plan for it; raises
+        :class:`BudgetExceeded` when even ``minimum`` does not fit."""
+        minimum = max(1, min(minimum, n_max))
+        self._start()
+        try:
+            for n in range(minimum, n_max + 1):  # a run belongs to the first count that asks for it
+                self._member = n
+                runs(n)
+        finally:
+            self._stop()
+        self.estimate()
+        limit = math.inf if self.max_minutes is None else 60 * self.max_minutes
+        fitting = [n for n in range(minimum, n_max + 1) if self._tally(n)[1] <= limit]
+        used = fitting[-1] if fitting else minimum
+        eta_all = self._tally(n_max)[1]
+        self.rows, self.eta_s, self.missing = self._tally(used)
+        self.pool = {"asked": n_max, "used": used, "minimum": minimum, "eta_all_s": round(eta_all, 1)}
+        print(self.table())
+        self.enforce()
+        return used
+
+    def label(self) -> str:
+        """How many members are pooled, for titles: ``"12 of 70"`` when :meth:`fit` pooled fewer than asked,
+        else the count (``""`` without :meth:`fit`)."""
+        if self.pool is None:
+            return ""
+        used, asked = self.pool["used"], self.pool["asked"]
+        return f"{used} of {asked}" if used < asked else f"{used}"
+
+    # ------------------------------------------------------------------ estimating
+
     def estimate(self) -> float:
-        """Time every group of missing runs (module docstring) and return the ETA in seconds."""
+        """Time every group of missing runs (module docstring) and return the ETA in seconds of all of them."""
         t0 = time.perf_counter()
         groups: dict = {}
         for p in self.pending:
             groups.setdefault(cache.key_hash(p.group), []).append(p)
-        self.rows = []
+        self._groups = []
         for members in groups.values():
+            chunk = min(members[0].stack, len(members))
+            self._groups.append((members, members[0].measure(members[:chunk], self.warm, self.timed), chunk))
+        self.measure_s = time.perf_counter() - t0
+        self.rows, self.eta_s, self.missing = self._tally(None)
+        return self.eta_s
+
+    def _tally(self, n: Optional[int]) -> tuple:
+        """``(rows, eta_s, missing)`` for the missing runs of the first ``n`` pooled members (None: all)."""
+        rows, eta, missing = [], 0.0, []
+        for members, cost, chunk in self._groups:
+            todo = [p for p in members if n is None or p.member is None or p.member <= n]
+            if not todo:
+                continue
+            n_chunks = math.ceil(len(todo) / chunk)
             first = members[0]
-            chunk = min(first.stack, len(members))
-            cost = first.measure(members[:chunk], self.warm, self.timed)
-            n_chunks = math.ceil(len(members) / chunk)
-            self.rows.append(
+            rows.append(
                 {
                     "what": first.describe(),
-                    "runs": len(members),
+                    "runs": len(todo),
                     "chunks": n_chunks,
                     "steps": first.steps,
                     **cost,
                     "total_s": n_chunks * cost["run_s"],
                 }
             )
-        self.eta_s = sum(r["total_s"] for r in self.rows)
-        self.measure_s = time.perf_counter() - t0
-        return self.eta_s
+            eta += n_chunks * cost["run_s"]
+            missing += todo
+        return rows, eta, missing
+
+    def _stored_counts(self) -> dict:
+        n = None if self.pool is None else self.pool["used"]
+        out = {"cache": 0, "results": 0}
+        for source, member in self._seen.values():
+            if source is not None and (n is None or member is None or member <= n):
+                out[source] += 1
+        return out
 
     def table(self) -> str:
         dev = self.dev
@@ -231,10 +306,11 @@ class Plan:
 
             dev = device()
         name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "the CPU"
+        self.stored = self._stored_counts()
         n_stored = sum(self.stored.values())
         lines = [
-            f"plan: {len(self.pending) + n_stored} runs; {n_stored} stored ({self.stored['cache']} in the local cache, "
-            f"{self.stored['results']} in results/), {len(self.pending)} to train on {name}"
+            f"plan: {len(self.missing) + n_stored} runs; {n_stored} stored ({self.stored['cache']} in the local cache, "
+            f"{self.stored['results']} in results/), {len(self.missing)} to train on {name}"
         ]
         if self.rows:
             lines.append("| runs | each (s) | of which training steps | group |")
@@ -245,13 +321,24 @@ class Plan:
                 lines.append(f"| {r['runs']} | {each:.1f} | {steps:.1f} | {r['what']} |")
         limit = "no limit" if self.max_minutes is None else f"MAX_MINUTES = {self.max_minutes:g}"
         lines.append(f"ETA {self.eta_s / 60:.1f} min (measured in {self.measure_s:.1f} s; {limit})")
+        if self.pool is not None:
+            p = self.pool
+            if p["used"] < p["asked"]:
+                lines.append(
+                    f"pooling {p['used']} of {p['asked']}: the largest count whose missing runs fit {limit} (all "
+                    f"{p['asked']}: ETA {p['eta_all_s'] / 60:.1f} min). The runs trained now are kept, so the next "
+                    f"execution pools more; MAX_MINUTES = None trains all {p['asked']}."
+                )
+            else:
+                lines.append(f"pooling all {p['asked']}")
         return "\n".join(lines)
 
     def enforce(self) -> None:
         """Raise :class:`BudgetExceeded` when the ETA is over ``max_minutes``."""
         if self.max_minutes is not None and self.eta_s > 60 * self.max_minutes:
+            least = "" if self.pool is None else f" (the least this notebook pools: {self.pool['minimum']})"
             raise BudgetExceeded(
-                f"the runs still to train need about {self.eta_s / 60:.1f} min here, over MAX_MINUTES = "
+                f"the runs still to train{least} need about {self.eta_s / 60:.1f} min here, over MAX_MINUTES = "
                 f"{self.max_minutes:g}; nothing was trained. Raise MAX_MINUTES (None: no limit), take a smaller "
                 f"preset" + (f", or lower {self.hint}" if self.hint else "") + "."
             )
@@ -259,9 +346,10 @@ class Plan:
     def summary(self) -> dict:
         """What goes into the claims JSON."""
         return {
-            "to_train": len(self.pending),
-            "stored": dict(self.stored),
+            "to_train": len(self.missing),
+            "stored": self._stored_counts(),
             "eta_s": round(self.eta_s, 1),
             "measure_s": round(self.measure_s, 1),
             "max_minutes": self.max_minutes,
+            "pooled": self.pool,
         }

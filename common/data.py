@@ -88,8 +88,14 @@ def _read_batch(path: Path):
 
 
 def _download(root: Path) -> None:
-    from torchvision.datasets.utils import download_and_extract_archive
-
+    try:
+        from torchvision.datasets.utils import download_and_extract_archive
+    except ImportError as err:
+        raise FileNotFoundError(
+            f"CIFAR-10 not found in {root / FOLDER}, and the download needs torchvision, which is not installed "
+            f"(pip install -e '.[download]'). Set CIFAR10_ROOT to a folder that holds {FOLDER}/ (or pass root=...), "
+            f"or download {CIFAR10_URL} by hand and extract it into {root}."
+        ) from err
     try:
         download_and_extract_archive(CIFAR10_URL, download_root=str(root), md5=CIFAR10_MD5)
     except Exception as err:

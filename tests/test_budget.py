@@ -114,3 +114,51 @@ def test_stacked_groups_are_timed_with_the_stacked_trainer(small):
     assert [r.source for r in runs] == ["pending"] * 5
     assert plan.rows[0]["runs"] == 5 and plan.rows[0]["chunks"] == 3 and "stacked by 2" in plan.rows[0]["what"]
     assert plan.eta_s == pytest.approx(3 * plan.rows[0]["run_s"])
+
+
+def _fixed_cost(monkeypatch, seconds=10.0):
+    """Every run (one chunk when stacked) costs ``seconds``: what fit chooses can then be worked out by hand."""
+
+    def measure(self, members, warm, timed):
+        return {"setup_s": 0.0, "step_s": 0.0, "eval_s": 0.0, "probe_s": [], "run_s": seconds}
+
+    monkeypatch.setattr(budget._Pending, "measure", measure)
+
+
+def test_fit_pools_the_largest_count_that_fits_and_stored_members_cost_nothing(small, monkeypatch):
+    x, y = small
+    _fixed_cost(monkeypatch)
+
+    def all_runs(n):  # one shared run (seed 100) and one run per pooled member
+        return [_run(x, y, 100, steps=3)] + [_run(x, y, s, steps=3) for s in range(n)]
+
+    # by hand: n members need 10 s (shared) + 10 s * n; 45 s fits n = 3
+    plan = C.Plan(max_minutes=0.75)
+    assert plan.fit(all_runs, 6, minimum=2) == 3 and plan.label() == "3 of 6"
+    assert len(plan.missing) == 4 and len(plan.pending) == 7 and plan.eta_s == pytest.approx(40)
+    assert plan.pool == {"asked": 6, "used": 3, "minimum": 2, "eta_all_s": 70.0}
+    assert plan.summary()["to_train"] == 4 and not budget.planning()
+    assert C.Plan(None).fit(all_runs, 6, minimum=2) == 6
+    with pytest.raises(C.BudgetExceeded, match="the least this notebook pools: 2"):
+        C.Plan(max_minutes=0.4).fit(all_runs, 6, minimum=2)  # 30 s for the least, 2 members
+    for s in (100, 0, 1):  # an earlier window trained the shared run and two members
+        _run(x, y, s, steps=3)
+    plan = C.Plan(max_minutes=0.75)
+    assert plan.fit(all_runs, 6, minimum=2) == 6  # members 2..5 cost 40 s
+    assert plan.stored == {"cache": 3, "results": 0} and len(plan.missing) == 4 and plan.label() == "6"
+    _run(x, y, 5, steps=3)  # a member past the count that fits is not counted as used
+    plan = C.Plan(max_minutes=0.25)  # members 2 and 3 cost 10 s each: 15 s fits n = 3
+    assert plan.fit(all_runs, 6, minimum=2) == 3 and plan.stored["cache"] == 3 and len(plan.missing) == 1
+
+
+def test_fit_charges_stacked_members_per_chunk(small, monkeypatch):
+    x, y = small
+    _fixed_cost(monkeypatch, 20.0)
+    xf = x.flatten(1)[:, :30].contiguous()
+
+    def all_runs(n):
+        models = [C.spec("two_layer_fc", d_in=30, h1=32, h2=16, seed=s) for s in range(n)]
+        return C.cached_train_many(models, xf, y, data_seeds=list(range(n)), stack=2, steps=5, batch_size=64)
+
+    plan = C.Plan(max_minutes=50 / 60)  # by hand: ceil(n / 2) chunks of 20 s; 50 s fits 2 chunks, n = 4
+    assert plan.fit(all_runs, 7) == 4 and plan.rows[0]["chunks"] == 2 and plan.eta_s == pytest.approx(40)

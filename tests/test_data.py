@@ -75,6 +75,17 @@ def test_failed_download_fails_fast_with_url(tmp_path, monkeypatch):
     assert "127.0.0.1:9" in msg and "CIFAR10_ROOT" in msg and str(tmp_path) in msg
 
 
+def test_download_without_torchvision_names_the_extra_and_the_variable(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # what `import torchvision` meets where it is missing
+    monkeypatch.setitem(sys.modules, "torchvision.datasets.utils", None)
+    with pytest.raises(FileNotFoundError) as err:
+        D.load_cifar10(tmp_path, download=True)
+    msg = str(err.value)
+    assert "torchvision" in msg and "[download]" in msg and "CIFAR10_ROOT" in msg and str(tmp_path) in msg
+
+
 def test_missing_batch_file_is_named(tmp_path, small_rows):
     folder, _ = _make_folder(tmp_path, True, np.random.default_rng(2))
     (folder / "data_batch_4").unlink()

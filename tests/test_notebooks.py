@@ -108,3 +108,27 @@ def test_a_notebook_refuses_past_max_minutes_before_training(tmp_path):
     assert not list(figs.glob("*.json"))
     cache = tmp_path / "runs" / "cache"
     assert not cache.exists() or not [p for p in cache.iterdir() if p.is_dir() and not p.name.endswith(".partial")]
+
+
+@pytest.mark.notebook
+def test_a_pooling_notebook_pools_what_fits_max_minutes(tmp_path):
+    """Notebook 03 after a window that trained 5 of its 6 smoke networks: with MAX_MINUTES = 0 it pools the 5 stored
+    ones (the least it pools: 5 x 16 filters make Σ_w full rank in d = 75) instead of refusing, and says so in its
+    claims JSON."""
+    from common.notebooks import run_notebook
+
+    nb = ROOT / "notebooks" / "03_eigenvectors.ipynb"
+    figs = tmp_path / "figures"
+    first = run_notebook(nb, "smoke", figs, tmp_path / "out", engine="inprocess", extra={"N_RUNS": 5})
+    assert first["error"] is None, first["error"]
+    row = run_notebook(nb, "smoke", figs, tmp_path / "out2", engine="inprocess", extra={"MAX_MINUTES": 0})
+    assert row["error"] is None, row["error"]
+    doc = json.loads((figs / "fig3_eigenvectors.smoke.json").read_text())
+    assert doc["plan"]["pooled"] == {
+        "asked": 6,
+        "used": 5,
+        "minimum": 5,
+        "eta_all_s": doc["plan"]["pooled"]["eta_all_s"],
+    }
+    assert doc["plan"]["pooled"]["eta_all_s"] > 0 and doc["plan"]["to_train"] == 0
+    assert doc["run_sources"]["runs"] == 5 and doc["run_sources"]["computed"] == 0
