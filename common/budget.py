@@ -323,7 +323,9 @@ class Plan:
         lines.append(f"ETA {self.eta_s / 60:.1f} min (measured in {self.measure_s:.1f} s; {limit})")
         if self.pool is not None:
             p = self.pool
-            if p["used"] < p["asked"]:
+            if self.max_minutes is not None and self.eta_s > 60 * self.max_minutes:
+                lines.append(f"even the least count this notebook pools ({p['minimum']} of {p['asked']}) does not fit")
+            elif p["used"] < p["asked"]:
                 lines.append(
                     f"pooling {p['used']} of {p['asked']}: the largest count whose missing runs fit {limit} (all "
                     f"{p['asked']}: ETA {p['eta_all_s'] / 60:.1f} min). The runs trained now are kept, so the next "

@@ -139,8 +139,10 @@ def test_fit_pools_the_largest_count_that_fits_and_stored_members_cost_nothing(s
     assert plan.pool == {"asked": 6, "used": 3, "minimum": 2, "eta_all_s": 70.0}
     assert plan.summary()["to_train"] == 4 and not budget.planning()
     assert C.Plan(None).fit(all_runs, 6, minimum=2) == 6
+    plan = C.Plan(max_minutes=0.4)
     with pytest.raises(C.BudgetExceeded, match="the least this notebook pools: 2"):
-        C.Plan(max_minutes=0.4).fit(all_runs, 6, minimum=2)  # 30 s for the least, 2 members
+        plan.fit(all_runs, 6, minimum=2)  # 30 s for the least, 2 members
+    assert "even the least count this notebook pools (2 of 6) does not fit" in plan.table()
     for s in (100, 0, 1):  # an earlier window trained the shared run and two members
         _run(x, y, s, steps=3)
     plan = C.Plan(max_minutes=0.75)
