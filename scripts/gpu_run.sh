@@ -9,8 +9,10 @@
 # folders of PNG batches, each with the cifar10_offline.py that rebuilds the pickles).
 # Notebooks, in priority order, in two passes:
 #   1. each with MAX_MINUTES = most of the time left: a preset whose ETA (measured on this device before anything
-#      trains) fits is trained to its figure and claims; one that does not fit prints its plan and is refused at
-#      once, and the next notebook is tried. Every notebook reached thus prints its measured ETA.
+#      trains) fits is trained to its figure and claims; a pooling notebook (01, 03, 04, 05) whose full count does
+#      not fit pools as many seeds or networks as fit ("n of N" in its title and JSON); one whose least count does
+#      not fit prints its plan and is refused at once, and the next notebook is tried. Every notebook reached thus
+#      prints its measured ETA.
 #   2. with the time still left, the refused ones with MAX_MINUTES=None: they train what they can. Finished runs are
 #      exported to results/<figure>/ as they complete, so the next session trains only what is missing.
 # Dry run on a CPU: PRESET=smoke scripts/gpu_run.sh 4 /tmp/out
