@@ -47,7 +47,7 @@ run_nb() {  # run_nb NB MAX_MINUTES: one notebook in-process, at most the time l
   timeout "$(left)" $PY -m common.notebooks --preset "$PRESET" --engine inprocess --only "$1" --fig-dir figures \
     -p MAX_MINUTES="$2" > "runs/gpu_nb_$1.log" 2>&1
   local rc=$?
-  tr '\r' '\n' < "runs/gpu_nb_$1.log" | grep -v 'it/s' | grep -E '^(plan:|\||ETA |status|PASS|FAIL|[0-9]+ passed)|done in|ERROR' \
+  tr '\r' '\n' < "runs/gpu_nb_$1.log" | grep -v 'it/s' | grep -E '^(plan:|\||ETA |pooling|status|PASS|FAIL|[0-9]+ passed)|done in|ERROR' \
     | tail -40 | tee -a "$LOG"
   [ "$rc" = 124 ] && say "notebook $1 stopped at the budget; its finished runs are in results/"
   return 0
