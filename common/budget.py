@@ -170,7 +170,6 @@ class Plan:
         self.max_minutes, self.warm, self.timed, self.hint, self.dev = max_minutes, warm, timed, hint, dev
         self.pending: list = []  # every missing run collected, in the order asked
         self.missing: list = []  # those to train: all of them, or the first ``pool["used"]`` members'
-        self.stored = {"cache": 0, "results": 0}
         self.eta_s = self.measure_s = 0.0
         self.rows: list = []
         self.pool: Optional[dict] = None
@@ -291,7 +290,10 @@ class Plan:
             missing += todo
         return rows, eta, missing
 
-    def _stored_counts(self) -> dict:
+    @property
+    def stored(self) -> dict:
+        """How many of the runs asked for (those of the pooled members after :meth:`fit`) were found stored, by
+        where: ``{"cache": n, "results": m}``."""
         n = None if self.pool is None else self.pool["used"]
         out = {"cache": 0, "results": 0}
         for source, member in self._seen.values():
@@ -306,7 +308,6 @@ class Plan:
 
             dev = device()
         name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "the CPU"
-        self.stored = self._stored_counts()
         n_stored = sum(self.stored.values())
         lines = [
             f"plan: {len(self.missing) + n_stored} runs; {n_stored} stored ({self.stored['cache']} in the local cache, "
@@ -349,7 +350,7 @@ class Plan:
         """What goes into the claims JSON."""
         return {
             "to_train": len(self.missing),
-            "stored": self._stored_counts(),
+            "stored": self.stored,
             "eta_s": round(self.eta_s, 1),
             "measure_s": round(self.measure_s, 1),
             "max_minutes": self.max_minutes,

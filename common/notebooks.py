@@ -138,11 +138,17 @@ def execute_papermill(nb_path: Path, parameters: dict, out_path: Path) -> None:
 def run_notebook(
     nb: Path, preset: str, fig_dir: Path, out_dir: Path, engine: str = "auto", extra: dict | None = None
 ) -> dict:
-    """Execute one notebook; return its summary row (claims counted from the JSON it wrote)."""
-    from .report import resolve_preset
+    """Execute one notebook; return its summary row (claims counted from the JSON files it wrote, which
+    :meth:`common.report.Notebook.write_claims` lists in the file named by ``$CLAIMS_LOG``)."""
+    from .report import CLAIMS_LOG, resolve_preset
 
     engine = ("papermill" if have_papermill() else "inprocess") if engine == "auto" else engine
     params = {"PRESET": preset, "FIG_DIR": str(fig_dir), **(extra or {})}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    claims_log = out_dir / f"{nb.stem}.claims"
+    claims_log.write_text("")
+    before = os.environ.get(CLAIMS_LOG)
+    os.environ[CLAIMS_LOG] = str(claims_log.resolve())  # inherited by a papermill kernel
     t0 = time.time()
     error = None
     try:
@@ -154,13 +160,17 @@ def run_notebook(
             raise ValueError(f"engine must be auto, papermill or inprocess, got {engine!r}")
     except CellError as err:
         error = str(err)
+    finally:
+        if before is None:
+            os.environ.pop(CLAIMS_LOG, None)
+        else:
+            os.environ[CLAIMS_LOG] = before
     wall = time.time() - t0
     passed = failed = None
-    for js in sorted(Path(fig_dir).glob("*.json")):
-        if js.stat().st_mtime >= t0:  # written by this execution
-            doc = json.loads(js.read_text())
-            passed = (passed or 0) + doc["passed"]
-            failed = (failed or 0) + doc["failed"]
+    for js in sorted(set(claims_log.read_text().splitlines())):  # the claims JSON files this execution wrote
+        doc = json.loads(Path(js).read_text())
+        passed = (passed or 0) + doc["passed"]
+        failed = (failed or 0) + doc["failed"]
     return {
         "notebook": nb.name,
         "preset": resolve_preset(preset),

@@ -2,6 +2,7 @@
 write what it writes, and name the failing cell."""
 
 import json
+import os
 
 import pytest
 
@@ -35,10 +36,15 @@ def _notebook(path, body):
 BODY = """
 import json, pathlib
 import matplotlib.pyplot as plt
+import common as C
 plt.plot([1, 2]); plt.show()
-out = pathlib.Path(FIG_DIR)
-out.mkdir(parents=True, exist_ok=True)
-(out / f"t.{PRESET}.json").write_text(json.dumps({"passed": VALUE, "failed": 0}))
+nb = C.Notebook(PRESET, {p: {} for p in ("smoke", "quick", "paper")}, {}, FIG_DIR)
+for i in range(VALUE):
+    nb.claims.check(f"claim {i}", 1.0, ">", 0.0)
+nb.claims.check("a failing claim", 0.0, ">", 1.0)
+nb.write_claims("t")
+# a claims-like file that this notebook did not write through write_claims: not counted
+(pathlib.Path(FIG_DIR) / "other.json").write_text(json.dumps({"passed": 100, "failed": 100}))
 """
 
 
@@ -49,8 +55,9 @@ def test_engines_override_parameters_and_count_claims(tmp_path, engine):
     nb = _notebook(tmp_path / "99_t.ipynb", BODY)
     row = NB.run_notebook(nb, "smoke", tmp_path / "figs", tmp_path / "out", engine, {"VALUE": 3})
     assert row["error"] is None and row["engine"] == engine
-    assert row["passed"] == 3 and row["failed"] == 0
+    assert row["passed"] == 3 and row["failed"] == 1
     assert json.loads((tmp_path / "figs" / "t.smoke.json").read_text())["passed"] == 3
+    assert "CLAIMS_LOG" not in os.environ  # restored after the execution
 
 
 @pytest.mark.parametrize("engine", ["inprocess", "papermill"])
