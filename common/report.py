@@ -13,6 +13,7 @@ import math
 import os
 import platform
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Optional
 
@@ -248,14 +249,18 @@ class Notebook:
 
     def runs_summary(self) -> dict:
         """The distinct runs this execution used, how each was first obtained (trained now, read from the local
-        cache, read from the committed results/), and their summed training wall time."""
+        cache, read from the committed results/), their summed training wall time, and how many were trained on
+        each device (``trained_on``: the device each run's history names, e.g. ``{"NVIDIA H200": 6}``). A figure
+        re-plotted on a laptop from committed GPU runs thus names the GPU, while ``environment`` names the laptop."""
         runs = list({r.hash: r for r in reversed(cache.LEDGER[self._ledger0 :])}.values())  # first look-up of each run
+        devices = Counter(str(r.history.get("device", "not recorded")) for r in runs)
         return {
             "runs": len(runs),
             "computed": sum(r.source == "computed" for r in runs),
             "from_cache": sum(r.source == "cache" for r in runs),
             "from_results": sum(r.source == "results" for r in runs),
             "training_wall_s": round(sum(float(r.history.get("wall_s", 0.0)) for r in runs), 1),
+            "trained_on": dict(sorted(devices.items())),
         }
 
     def write_claims(self, figure: str, extra: Optional[dict] = None) -> Path:

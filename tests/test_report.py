@@ -45,5 +45,23 @@ def test_notebook_session_tags_outputs_and_counts_each_run_once(tmp_path):
     doc = json.loads(nb.write_claims("figX").read_text())
     assert (tmp_path / "figX.quick+steps=7.json").is_file() and doc["overrides"] == {"steps": 7}
     assert doc["passed"] == 1 and doc["run_sources"]["runs"] == 1
+    assert doc["run_sources"]["trained_on"] == {"not recorded": 1}  # this history names no device
     with pytest.raises(ValueError):
         Notebook("quick", presets, {"lr": 0.1}, str(tmp_path))  # not a preset parameter
+
+
+def test_runs_read_from_results_name_the_device_that_trained_them(tmp_path, monkeypatch):
+    """A re-plot from committed runs: ``environment`` is this machine, ``trained_on`` the GPU of the runs."""
+    monkeypatch.setenv("RESULTS_DIR", str(tmp_path / "results"))
+    presets = {"smoke": {}, "quick": {}, "paper": {}}
+    gpu = Notebook("paper", presets, {}, str(tmp_path), results="figX")
+    for z, dev in ((1, "NVIDIA H200"), (2, "NVIDIA H200"), (3, "cpu")):
+        hist = {"wall_s": 1.0, "device": dev}
+        cache.cached_run(cache.run_key(z=z), lambda s, h=hist: (h, {}), root=tmp_path / "gpu", export=gpu.export)
+    assert gpu.runs_summary()["trained_on"] == {"NVIDIA H200": 2, "cpu": 1}
+    laptop = Notebook("paper", presets, {}, str(tmp_path), results="figX")
+    never = lambda scratch: pytest.fail("a committed run was retrained")  # noqa: E731
+    for z in (1, 2):
+        cache.cached_run(cache.run_key(z=z), never, root=tmp_path / "laptop")
+    summary = laptop.runs_summary()
+    assert summary["from_results"] == 2 and summary["trained_on"] == {"NVIDIA H200": 2}
