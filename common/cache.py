@@ -251,11 +251,18 @@ def _read_results(h: str, key: dict) -> Optional[tuple]:
 
 
 def export_result(result: CachedResult, figure: str) -> Path:
-    """Write ``results/<figure>/<hash>.json`` (key, history, commit; no weights) for committing."""
+    """Write ``results/<figure>/<hash>.json`` (key, history, commit; no weights) for committing. The file
+    is written aside and renamed into place, so a process killed while writing (a GPU script's time
+    limit) leaves either the whole file or none, never a truncated one that later look-ups would fail on."""
     path = results_dir() / figure / f"{result.hash}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     doc = {"key": result.key, "history": result.history, "git_commit": git_commit()}
-    path.write_text(json.dumps(doc, separators=(",", ":"), sort_keys=True))
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        tmp.write_text(json.dumps(doc, separators=(",", ":"), sort_keys=True))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 

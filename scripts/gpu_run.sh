@@ -15,6 +15,10 @@
 #      prints its measured ETA.
 #   2. with the time still left, the refused ones with MAX_MINUTES=None: they train what they can. Finished runs are
 #      exported to results/<figure>/ as they complete, so the next session trains only what is missing.
+# The archive is written again after the benchmark and after each notebook (a complete one replaces the last), so a
+# command killed from outside (a lent machine's time limit) still leaves everything finished before the kill.
+# Environment: PRESET (paper), ORDER ("02 05 03 04 01"), PY (python3); TESTS=0 and BENCH=0 skip the CUDA tests and
+# the benchmark (a later window, once their results are committed, gives that time to the notebooks).
 # Dry run on a CPU: PRESET=smoke scripts/gpu_run.sh 4 /tmp/out
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -23,7 +27,10 @@ OUT_DIR=${2:-${OUT:-runs/gpu_out}}
 PRESET=${PRESET:-paper}
 ORDER=${ORDER:-"02 05 03 04 01"}
 PY=${PY:-python3}
+TESTS=${TESTS:-1}
+BENCH=${BENCH:-1}
 mkdir -p "$OUT_DIR" runs
+rm -f runs/bench.txt runs/gpu_nb_*.log  # this session's logs only
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 CI=1
 START=$(date +%s)
 LOG=runs/gpu_run.log
@@ -37,19 +44,31 @@ if [ -z "${CIFAR10_ROOT:-}" ] && [ -d .cifar10-part1 ]; then
 fi
 say "device: $($PY -c 'import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU")'), torch $($PY -c 'import torch; print(torch.__version__)'), CIFAR10_ROOT=${CIFAR10_ROOT:-unset}"
 
-say "CUDA tests"
-timeout $(( $(left) > 120 ? 120 : $(left) )) $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_train.py tests/test_cache.py 2>&1 | tail -5 | tee -a "$LOG"
+pack() {  # the archive of everything so far; written aside, then renamed over the previous one
+  tar czf "$OUT_DIR/.gpu_results.partial.tar.gz" --ignore-failed-read --exclude=".*.tmp-*" $(ls figures/*."$PRESET".* 2>/dev/null) \
+    $( [ -d results ] && echo results ) $(ls runs/gpu_run.log runs/bench.txt runs/gpu_nb_*.log 2>/dev/null) 2>>"$LOG" \
+    && mv -f "$OUT_DIR/.gpu_results.partial.tar.gz" "$OUT_DIR/gpu_results.tar.gz"
+}
+cap() { local t; t=$(left); echo $(( t > $1 ? $1 : (t > 1 ? t : 1) )); }  # seconds: at most $1 and the time left
 
-say "throughput benchmark"
-timeout $(( $(left) > 90 ? 90 : $(left) )) $PY benchmarks/throughput.py --repeats 2 2>&1 | tee runs/bench.txt | tail -12 | tee -a "$LOG"
+if [ "$TESTS" = 1 ]; then
+  say "CUDA tests"
+  timeout -k 10 "$(cap 120)" $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_train.py tests/test_cache.py 2>&1 | tail -5 | tee -a "$LOG"
+fi
+if [ "$BENCH" = 1 ]; then
+  say "throughput benchmark"
+  timeout -k 10 "$(cap 90)" $PY benchmarks/throughput.py --repeats 2 2>&1 | tee runs/bench.txt | tail -12 | tee -a "$LOG"
+fi
+pack
 
 run_nb() {  # run_nb NB MAX_MINUTES: one notebook in-process, at most the time left; its log in runs/gpu_nb_NB.log
-  timeout "$(left)" $PY -m common.notebooks --preset "$PRESET" --engine inprocess --only "$1" --fig-dir figures \
+  timeout -k 15 "$(cap 100000)" $PY -m common.notebooks --preset "$PRESET" --engine inprocess --only "$1" --fig-dir figures \
     -p MAX_MINUTES="$2" > "runs/gpu_nb_$1.log" 2>&1
   local rc=$?
   tr '\r' '\n' < "runs/gpu_nb_$1.log" | grep -v 'it/s' | grep -E '^(plan:|\||ETA |pooling|status|PASS|FAIL|[0-9]+ passed)|done in|ERROR' \
     | tail -40 | tee -a "$LOG"
   [ "$rc" = 124 ] && say "notebook $1 stopped at the budget; its finished runs are in results/"
+  pack
   return 0
 }
 
@@ -69,6 +88,5 @@ for nb in $refused; do  # pass 2: the refused ones train what they can in the ti
 done
 
 say "packing"
-tar czf "$OUT_DIR/gpu_results.tar.gz" --ignore-failed-read $(ls figures/*."$PRESET"* 2>/dev/null) \
-  $( [ -d results ] && echo results ) runs/gpu_run.log runs/bench.txt runs/gpu_nb_*.log 2>>"$LOG"
+pack
 say "wrote $OUT_DIR/gpu_results.tar.gz ($(du -h "$OUT_DIR/gpu_results.tar.gz" | cut -f1))"

@@ -127,6 +127,27 @@ def test_committed_results_are_consulted_and_recompute_only_for_weights(tmp_path
     assert C.cached_run(key, _fn(calls), root=tmp_path / "laptop").source == "cache" and len(calls) == 2
 
 
+def test_an_export_cut_short_leaves_no_file_in_results(tmp_path, monkeypatch):
+    monkeypatch.setenv("RESULTS_DIR", str(tmp_path / "results"))
+    key = C.run_key(d=4)
+    r = C.cached_run(key, _fn([]), root=tmp_path / "gpu")
+    folder = tmp_path / "results" / "figX"
+
+    def killed(src, dst):
+        raise KeyboardInterrupt  # the process stops between writing and renaming
+
+    monkeypatch.setattr(C.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        C.export_result(r, "figX")
+    assert list(folder.iterdir()) == []  # neither the file nor its temporary
+    assert C.lookup(key, root=tmp_path / "laptop") is None
+    monkeypatch.undo()
+    monkeypatch.setenv("RESULTS_DIR", str(tmp_path / "results"))
+    C.export_result(r, "figX")
+    assert [p.name for p in folder.iterdir()] == [f"{C.key_hash(key)}.json"]
+    assert C.lookup(key, root=tmp_path / "laptop").history == {"acc": [1.0]}
+
+
 # ---------------------------------------------------------------- cached_train: the run's own key
 
 
