@@ -49,20 +49,20 @@ pack() {  # the archive of everything so far; written aside, then renamed over t
     $( [ -d results ] && echo results ) $(ls runs/gpu_run.log runs/bench.txt runs/gpu_nb_*.log 2>/dev/null) 2>>"$LOG" \
     && mv -f "$OUT_DIR/.gpu_results.partial.tar.gz" "$OUT_DIR/gpu_results.tar.gz"
 }
-cap() { local t; t=$(left); echo $(( t > $1 ? $1 : (t > 1 ? t : 1) )); }  # seconds: at most $1 and the time left
+upto() { local t; t=$(left); [ -n "${1:-}" ] && [ "$1" -lt "$t" ] && t=$1; echo $(( t > 1 ? t : 1 )); }  # seconds: the time left, at most $1
 
 if [ "$TESTS" = 1 ]; then
   say "CUDA tests"
-  timeout -k 10 "$(cap 120)" $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_train.py tests/test_cache.py 2>&1 | tail -5 | tee -a "$LOG"
+  timeout -k 10 "$(upto 120)" $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_train.py tests/test_cache.py 2>&1 | tail -5 | tee -a "$LOG"
 fi
 if [ "$BENCH" = 1 ]; then
   say "throughput benchmark"
-  timeout -k 10 "$(cap 90)" $PY benchmarks/throughput.py --repeats 2 2>&1 | tee runs/bench.txt | tail -12 | tee -a "$LOG"
+  timeout -k 10 "$(upto 90)" $PY benchmarks/throughput.py --repeats 2 2>&1 | tee runs/bench.txt | tail -12 | tee -a "$LOG"
 fi
 pack
 
 run_nb() {  # run_nb NB MAX_MINUTES: one notebook in-process, at most the time left; its log in runs/gpu_nb_NB.log
-  timeout -k 15 "$(cap 100000)" $PY -m common.notebooks --preset "$PRESET" --engine inprocess --only "$1" --fig-dir figures \
+  timeout -k 15 "$(upto)" $PY -m common.notebooks --preset "$PRESET" --engine inprocess --only "$1" --fig-dir figures \
     -p MAX_MINUTES="$2" > "runs/gpu_nb_$1.log" 2>&1
   local rc=$?
   tr '\r' '\n' < "runs/gpu_nb_$1.log" | grep -v 'it/s' | grep -E '^(plan:|\||ETA |pooling|status|PASS|FAIL|[0-9]+ passed)|done in|ERROR' \
