@@ -136,13 +136,12 @@ def test_an_export_cut_short_leaves_no_file_in_results(tmp_path, monkeypatch):
     def killed(src, dst):
         raise KeyboardInterrupt  # the process stops between writing and renaming
 
-    monkeypatch.setattr(C.os, "replace", killed)
-    with pytest.raises(KeyboardInterrupt):
-        C.export_result(r, "figX")
+    with monkeypatch.context() as m:
+        m.setattr(C.os, "replace", killed)
+        with pytest.raises(KeyboardInterrupt):
+            C.export_result(r, "figX")
     assert list(folder.iterdir()) == []  # neither the file nor its temporary
     assert C.lookup(key, root=tmp_path / "laptop") is None
-    monkeypatch.undo()
-    monkeypatch.setenv("RESULTS_DIR", str(tmp_path / "results"))
     C.export_result(r, "figX")
     assert [p.name for p in folder.iterdir()] == [f"{C.key_hash(key)}.json"]
     assert C.lookup(key, root=tmp_path / "laptop").history == {"acc": [1.0]}
