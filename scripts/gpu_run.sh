@@ -67,7 +67,7 @@ run_nb() {  # run_nb NB MAX_MINUTES: one notebook in-process, at most the time l
   local rc=$?
   tr '\r' '\n' < "runs/gpu_nb_$1.log" | grep -v 'it/s' | grep -E '^(plan:|\||ETA |pooling|status|PASS|FAIL|[0-9]+ passed)|done in|ERROR' \
     | tail -40 | tee -a "$LOG"
-  [ "$rc" = 124 ] && say "notebook $1 stopped at the budget; its finished runs are in results/"
+  case $rc in 124|137) say "notebook $1 stopped at the budget; its finished runs are in results/" ;; esac  # 137: -k sent KILL
   pack
   return 0
 }
