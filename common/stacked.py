@@ -17,6 +17,7 @@ Stacked layouts (N members, batch B):
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
@@ -108,17 +109,22 @@ def train_stacked(
     callbacks: Sequence[Tuple[object, Callable]] = (),
     log_every: int = 50,
     dev: Optional[torch.device] = None,
+    desc: str = "stacked",
 ) -> list:
     """Train ``models`` (N members) together; return one history per member, as :func:`common.train.train`
     returns them (without checkpointing). ``ys``: one ``(N_x,)`` label tensor for every member, or a
     list of N. ``eval_sets`` map names to ``(x, y)`` with ``y`` a tensor or a list of N. Callbacks
-    are called per member as ``fn(model_i, step)`` with the member's current weights written back."""
+    are called per member as ``fn(model_i, step)`` with the member's current weights written back.
+    A progress bar (``desc``, off under ``CI``) shows the steps and the members' mean training loss
+    and accuracy at each log step."""
     dev = dev or device()
     n = len(models)
     ys = list(ys) if isinstance(ys, (list, tuple)) else [ys] * n
     if len(ys) != n or len(data_seeds) != n:
         raise ValueError("give one label tensor (or one for all) and one data seed per member")
     steps = n_steps(steps, epochs, len(x), batch_size)
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # as common.train.train sets it, whichever trainer runs first
     models = [m.to(dev, dtype) for m in models]  # in place: weights are written back into them
     net = StackedNet(models).to(dev, dtype)
     net.train()
@@ -160,6 +166,9 @@ def train_stacked(
             for h, m in zip(hists, models):
                 _record_callbacks(h["callbacks"], due, m, s)
 
+    from tqdm import tqdm  # the same plain text bar as common.train.train
+
+    bar = tqdm(total=steps, desc=f"{desc} x{n}", disable=bool(os.environ.get("CI")), leave=False, mininterval=1.0)
     t0 = time.time()
     record(0)
     run_loss = torch.zeros(n, dtype=torch.float64, device=dev)
@@ -184,12 +193,15 @@ def train_stacked(
             add("train", "step", [step] * n)
             add("train", "loss", (run_loss / run_n).tolist())
             add("train", "acc", (run_acc / run_n).tolist())
+            bar.set_postfix(loss=f"{float(run_loss.mean()) / run_n:.3f}", acc=f"{float(run_acc.mean()) / run_n:.3f}")
             run_loss.zero_()
             run_acc.zero_()
             run_n = 0
         if step < steps:
             record(step)
+        bar.update(1)
     record(steps)
+    bar.close()
     net.write_back(models)
     wall = time.time() - t0
     for h in hists:

@@ -471,6 +471,7 @@ def cached_train_many(
             eval_sets=eval_sets,
             callbacks=[(p.every, p) for p in probes],
             dev=dev,
+            desc=f"{desc} {chunk[0]}-{chunk[-1]}",
             **stacked_kwargs,
         )
         for i, (net, start), hist in zip(chunk, built, hists):

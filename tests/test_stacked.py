@@ -82,6 +82,18 @@ def test_stacked_fc_members_with_their_own_labels(small):
     _compare(seq, st, hs, ht)
 
 
+@pytest.mark.parametrize("ci", ["", "1"])
+def test_stacked_progress_bar_outside_ci_only(ci, capfd, monkeypatch):
+    monkeypatch.setenv("CI", ci)
+    x = torch.randn(64, 10)
+    y = torch.randint(10, (64,))
+    nets = [M.two_layer_fc(10, 8, 8, seed=s) for s in (0, 1)]
+    train_stacked(nets, x, y, data_seeds=[0, 1], steps=4, batch_size=16, log_every=2, dev=CPU, desc="chunk 0-1")
+    err = capfd.readouterr().err
+    assert ("chunk 0-1 x2" in err and "loss=" in err) == (not ci)
+    assert ci == "" or err == ""
+
+
 def test_stacking_refuses_other_networks():
     with pytest.raises(TypeError):
         train_stacked(
