@@ -66,8 +66,27 @@ def figure_dir(fig_dir: Optional[str] = None) -> Path:
     return path
 
 
+def cpu_model() -> str:
+    """The CPU's model name with its family/model numbers from ``/proc/cpuinfo`` (Linux), e.g. ``"AMD EPYC
+    (family 26, model 2)"``; else what ``platform`` knows."""
+    try:
+        fields = {}
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if not key.strip():
+                break  # the first processor's block is enough
+            fields.setdefault(key.strip(), value.strip())
+        name = fields["model name"]
+        if "cpu family" in fields and "model" in fields:
+            name += f" (family {fields['cpu family']}, model {fields['model']})"
+        return name
+    except (OSError, KeyError):
+        return platform.processor() or platform.machine()
+
+
 def environment() -> dict:
-    """Device name, torch/python versions, host, thread count and git commit."""
+    """Device name, CPU model and the instruction set torch's CPU kernels use (results on the CPU depend on it:
+    docs/reproducibility.md), torch/python versions, host, thread count and git commit."""
     dev = (
         torch.cuda.get_device_name(0)
         if torch.cuda.is_available()
@@ -75,6 +94,8 @@ def environment() -> dict:
     )
     return {
         "device": dev,
+        "cpu": cpu_model(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "host": platform.node(),

@@ -3,11 +3,15 @@ the run summary counts each run once."""
 
 import json
 import math
+import platform
+import subprocess
+from pathlib import Path
 
 import pytest
+import torch
 
 from common import cache
-from common.report import Claims, Notebook, output_tag
+from common.report import Claims, Notebook, environment, output_tag
 
 
 def test_checks_write_their_threshold_and_fail_non_finite_values():
@@ -22,6 +26,16 @@ def test_checks_write_their_threshold_and_fail_non_finite_values():
     assert (c.passed, c.failed) == (2, 4) and c.rows[-1]["status"] == "REPORT"
     with pytest.raises(ValueError):
         c.check("h", 1.0, "==", 1.0)
+
+
+def test_environment_names_the_cpu_and_the_kernels_instruction_set():
+    env = environment()
+    assert env["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and env["cpu_capability"]
+    assert env["cpu"] and env["threads"] == torch.get_num_threads()
+    if Path("/proc/cpuinfo").is_file() and platform.system() == "Linux":
+        out = subprocess.run(["grep", "-m1", "^model name", "/proc/cpuinfo"], capture_output=True, text=True).stdout
+        if out:  # the first processor's model name, as grep finds it
+            assert env["cpu"].startswith(out.split(":", 1)[1].strip())
 
 
 def test_output_tag_names_every_override():
