@@ -163,13 +163,15 @@ def results_dir() -> Path:
 
 def git_commit() -> str:
     """Short commit of the repository, with ``+dirty`` when ``common/`` or ``notebooks/`` has
-    uncommitted changes; ``"unknown"`` outside a git checkout."""
+    uncommitted changes. Outside a git checkout (a copied working tree without ``.git``, as a lent
+    GPU machine may run it): ``$GIT_COMMIT`` when set, else ``"unknown"``."""
+    declared = os.environ.get("GIT_COMMIT", "").strip() or "unknown"
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10
         )
         if out.returncode != 0:
-            return "unknown"
+            return declared
         dirty = subprocess.run(
             ["git", "status", "--porcelain", "--", "common", "notebooks"],
             cwd=REPO_ROOT,
@@ -179,7 +181,7 @@ def git_commit() -> str:
         ).stdout
         return out.stdout.strip() + ("+dirty" if dirty.strip() else "")
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return declared
 
 
 def _to_cpu(obj):

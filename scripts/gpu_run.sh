@@ -18,7 +18,8 @@
 # The archive is written again after the benchmark and after each notebook (a complete one replaces the last), so a
 # command killed from outside (a lent machine's time limit) still leaves everything finished before the kill.
 # Environment: PRESET (paper), ORDER ("02 05 03 04 01"), PY (python3); TESTS=0 and BENCH=0 skip the CUDA tests and
-# the benchmark (a later window, once their results are committed, gives that time to the notebooks).
+# the benchmark (a later window, once their results are committed, gives that time to the notebooks); GIT_COMMIT
+# (the short hash of the commit a copied tree without .git was taken from, recorded in the claims JSON and results/).
 # Dry run on a CPU: PRESET=smoke scripts/gpu_run.sh 4 /tmp/out
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -43,6 +44,9 @@ if [ -z "${CIFAR10_ROOT:-}" ] && [ -d .cifar10-part1 ]; then
   $PY runs/c10parts/cifar10_offline.py runs/cifar10 --from-png runs/c10parts >> "$LOG" 2>&1 && export CIFAR10_ROOT=$PWD/runs/cifar10
 fi
 say "device: $($PY -c 'import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU")'), torch $($PY -c 'import torch; print(torch.__version__)'), CIFAR10_ROOT=${CIFAR10_ROOT:-unset}"
+COMMIT=$($PY -c 'from common.cache import git_commit; print(git_commit())')
+say "code: commit $COMMIT (what the claims JSON and results/ record)"
+[ "$COMMIT" = unknown ] && say "WARNING: no git checkout here and GIT_COMMIT unset: set GIT_COMMIT=<short hash> for a copied tree"
 
 pack() {  # the archive of everything so far; written aside, then renamed over the previous one
   tar czf "$OUT_DIR/.gpu_results.partial.tar.gz" --ignore-failed-read --exclude=".*.tmp-*" $(ls figures/*."$PRESET".* 2>/dev/null) \

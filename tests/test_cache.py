@@ -33,6 +33,24 @@ def test_miss_then_hit_and_key_order_is_irrelevant(tmp_path):
     assert stored["key"] == k1 and stored["git_commit"]
 
 
+def test_git_commit_names_the_checkout_or_the_declared_commit_of_a_copied_tree(tmp_path, monkeypatch):
+    """In the checkout: git's short hash. In a copied tree without .git (a lent GPU machine's copy): $GIT_COMMIT,
+    else "unknown"."""
+    import subprocess
+
+    monkeypatch.setenv("GIT_COMMIT", "abc1234")
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=C.REPO_ROOT, capture_output=True, text=True)
+    if head.returncode == 0:  # the suite runs in a checkout (CI's clean clone): git wins over the variable
+        assert C.git_commit().removesuffix("+dirty") == head.stdout.strip()
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    monkeypatch.setattr(C, "REPO_ROOT", copy)
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))  # git must not find a repository above the copy
+    assert C.git_commit() == "abc1234"
+    monkeypatch.delenv("GIT_COMMIT")
+    assert C.git_commit() == "unknown"
+
+
 def test_tensors_enter_the_key_by_content():
     a = C.run_key(x=torch.zeros(3))
     assert a == C.run_key(x=torch.zeros(3).clone())
