@@ -26,6 +26,10 @@ with the counts of evaluations and probe calls taken from the run's own schedule
 :func:`common.train.train` follows). Stacked groups are timed with ``min(stack, missing)`` members
 and charged once per chunk. Saving a run to the cache is not counted.
 
+A run read from ``results/`` has no weights. When a missing run starts from one (a transfer variant of an
+upstream run stored there), the upstream run is trained again for its weights before it: the plan counts
+that retraining as one more run to train (``retrained``).
+
 A notebook that pools many like members (networks, seeds) plans with :meth:`Plan.fit` instead of the block:
 
     n = nb.plan(MAX_MINUTES).fit(all_runs, cfg["n_runs"], minimum=2)   # all_runs(n): the runs of n members
@@ -80,6 +84,11 @@ def _sync(dev) -> None:
         torch.cuda.synchronize(dev)
 
 
+def _upstream_hash(init) -> Optional[str]:
+    """The cache hash of the run an init's key names as its upstream (`common.transfer.Variant.key`), else None."""
+    return init.get("upstream") if isinstance(init, dict) else None
+
+
 class _Pending:
     """One missing run: how to build it and train it for a few steps, and the group it is costed with."""
 
@@ -88,6 +97,7 @@ class _Pending:
 
         self.model, self.x, self.y, self.probes, self.dev = model, x, y, list(probes), dev
         self.member = member  # the pooled count that first asked for this run (Plan.fit), else None
+        self.retrain = False  # stored in results/ without weights, trained again for a missing run that starts from it
         self.eval_sets = eval_sets or {}
         self.stack = max(1, int(stack))
         args = train_arguments(train_kwargs)  # every keyed argument of train, defaults filled in
@@ -174,6 +184,7 @@ class Plan:
         self.rows: list = []
         self.pool: Optional[dict] = None
         self._seen: dict = {}  # hash -> (where it was found: "cache", "results" or None, its member)
+        self._weightless: dict = {}  # hash -> _Pending of a run found in results/ whose weights a variant may need
         self._member: Optional[int] = None
         self._groups: list = []  # (members, cost of one run or chunk, chunk size) per group, from estimate()
 
@@ -181,15 +192,25 @@ class Plan:
 
     def add(self, key: dict, force: bool, model, x, y, probes, eval_sets, train_kwargs, stack=1):
         """The stored run for ``key``, or a placeholder after recording the run as missing."""
+        from .train import device
+
         h = cache.key_hash(key)
         found = None if force else cache.lookup(key)
         if h not in self._seen:
             self._seen[h] = (found.source if found is not None else None, self._member)
-            if found is None:
-                from .train import device
 
-                dev = self.dev or device()
-                self.pending.append(_Pending(model, x, y, probes, eval_sets, train_kwargs, stack, dev, self._member))
+            def pending():
+                return _Pending(model, x, y, probes, eval_sets, train_kwargs, stack, self.dev or device(), self._member)
+
+            if found is None:
+                up = _upstream_hash(key["parts"].get("init"))
+                if up in self._weightless:  # trained again first, for its weights
+                    again = self._weightless.pop(up)
+                    again.member, again.retrain = self._member, True
+                    self.pending.append(again)
+                self.pending.append(pending())
+            elif found.source == "results" and "trained" in key["parts"].get("keep", []):
+                self._weightless[h] = pending()
         if found is not None:
             return found
         return cache.CachedResult(key, None, None, ".", "pending")
@@ -301,6 +322,11 @@ class Plan:
                 out[source] += 1
         return out
 
+    @property
+    def retrained(self) -> int:
+        """How many of the runs to train are stored in ``results/`` and trained again for their weights."""
+        return sum(p.retrain for p in self.missing)
+
     def table(self) -> str:
         dev = self.dev
         if dev is None:
@@ -308,10 +334,15 @@ class Plan:
 
             dev = device()
         name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "the CPU"
-        n_stored = sum(self.stored.values())
+        n_stored, n_again = sum(self.stored.values()), self.retrained
         lines = [
-            f"plan: {len(self.missing) + n_stored} runs; {n_stored} stored ({self.stored['cache']} in the local cache, "
-            f"{self.stored['results']} in results/), {len(self.missing)} to train on {name}"
+            f"plan: {len(self.missing) - n_again + n_stored} runs; {n_stored} stored ({self.stored['cache']} in the "
+            f"local cache, {self.stored['results']} in results/), {len(self.missing)} to train on {name}"
+            + (
+                f" ({n_again} of them stored in results/, again for the weights a missing run starts from)"
+                if n_again
+                else ""
+            )
         ]
         if self.rows:
             lines.append("| runs | each (s) | of which training steps | group |")
@@ -350,6 +381,7 @@ class Plan:
         """What goes into the claims JSON."""
         return {
             "to_train": len(self.missing),
+            "retrained": self.retrained,
             "stored": self.stored,
             "eta_s": round(self.eta_s, 1),
             "measure_s": round(self.measure_s, 1),

@@ -221,7 +221,10 @@ class CachedResult:
         if self._states is None:
             if self._recompute is None:
                 raise RuntimeError(f"run {self.hash} has no stored weights")
-            fresh = self._recompute()
+            if self.source == "results":
+                print(f"cache: run {self.hash} is stored in results/ without weights; training it again for them")
+            with torch.enable_grad():  # the reader may hold no_grad (a transfer's apply): training needs autograd
+                fresh = self._recompute()
             self._states = fresh.states
         return self._states
 

@@ -73,6 +73,42 @@ def test_stored_runs_come_back_and_cost_nothing_even_from_results(small, tmp_pat
     assert plan.stored == {"cache": 0, "results": 1} and not plan.pending
 
 
+@pytest.mark.parametrize("stack", [1, 2])
+def test_a_run_that_starts_from_a_weightless_stored_run_counts_its_retraining(small, tmp_path, monkeypatch, stack):
+    """A GPU window stored an upstream run in results/ (no weights); the next window's plan, missing two transfer
+    variants of it (trained one by one, or stacked), counts the upstream run's retraining once, and that is what then
+    happens."""
+    x, y = small
+    monkeypatch.setenv("RESULTS_DIR", str(tmp_path / "results"))
+
+    def up():
+        return _run(x, y, 0, keep=["init", "trained"], export="figtest")
+
+    def down(u):
+        models = [C.spec("two_layer_cnn", filters=32, hidden=16, seed=9 + s) for s in (0, 1)]
+        inits = [C.Variant("covariance", u, s) for s in (0, 1)]
+        kw = dict(data_seeds=[0, 1], inits=inits, stack=stack, steps=5, batch_size=64, export="figtest")
+        return C.cached_train_many(models, x, y, **kw)
+
+    monkeypatch.setenv("RUNS_DIR", str(tmp_path / "window1"))
+    up()  # the first window ends after the upstream run
+    monkeypatch.setenv("RUNS_DIR", str(tmp_path / "window2"))  # a fresh machine: an empty local cache
+    with C.Plan(None) as plan:
+        u = up()
+        down(u)
+    assert u.source == "results" and plan.stored == {"cache": 0, "results": 1}
+    assert len(plan.missing) == 3 and plan.retrained == 1 and plan.summary()["retrained"] == 1
+    assert "plan: 3 runs; 1 stored" in plan.table() and "3 to train on the CPU (1 of them" in plan.table()
+    n0 = len(cache.LEDGER)
+    down(up())
+    computed = [r for r in cache.LEDGER[n0:] if r.source == "computed"]
+    assert len(computed) == 3 and computed[0].hash == u.hash  # the upstream run again, then both transfer runs
+    monkeypatch.setenv("RUNS_DIR", str(tmp_path / "window3"))  # all stored now: nothing to train
+    with C.Plan(None) as plan:
+        down(up())
+    assert not plan.missing and plan.retrained == 0 and plan.stored == {"cache": 0, "results": 3}
+
+
 def test_refuses_past_max_minutes_before_training(small):
     x, y = small
     with pytest.raises(C.BudgetExceeded, match="nothing was trained. .*lower SEEDS"):
