@@ -102,6 +102,25 @@ def test_stacked_members_match_their_sequential_runs_on_cuda_in_float64(small):
                 assert torch.allclose(pa, pb, rtol=0, atol=1e-9), name
 
 
+def test_stacked_members_train_in_bf16_as_the_paper_presets_run_them(small):
+    """The stacked trainer in float32 under bf16 autocast, with an evaluation set (the paper presets of 04 and 05):
+    at step 0 each member evaluates as its own unstacked network does, its loss falls, and it ends about as
+    accurate as its sequential twin (bf16 rounding differs between the two, so the trajectories drift apart)."""
+    from common.stacked import train_stacked
+
+    x, y, _, _ = small
+    kw = dict(steps=150, lr=0.01, batch_size=64, eval_every=50, eval_sets={"train": (x, y)}, dev=CUDA)
+    hists = train_stacked(
+        [M.two_layer_cnn(filters=16, hidden=32, seed=s) for s in range(3)], x, y, data_seeds=[0, 1, 2], **kw
+    )
+    for s, h in enumerate(hists):
+        ref = train(M.two_layer_cnn(filters=16, hidden=32, seed=s), x, y, data_seed=s, **kw)
+        loss, ref_loss = h["eval"]["train_loss"], ref["eval"]["train_loss"]
+        assert abs(loss[0] - ref_loss[0]) < 1e-2 * ref_loss[0], (s, loss[0], ref_loss[0])
+        assert loss[-1] < 0.3 * loss[0], (s, loss)
+        assert abs(h["eval"]["train_acc"][-1] - ref["eval"]["train_acc"][-1]) < 0.05, s
+
+
 def test_every_model_and_probe_of_the_notebooks_runs_in_bf16_channels_last(small):
     """One short run per network family of the notebooks, with the probes they record, on the GPU path."""
     from common.probes import FirstLayerFilters, FirstLayerMisalignment, FirstLayerSecondMoment, ReluActivity
