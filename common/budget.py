@@ -17,14 +17,20 @@ On leaving the block the missing runs are grouped by what their cost depends on 
 its arguments except seeds and init scales, data shape, batch size, dtype, evaluation-set shapes,
 probes, stack size, step count and schedules), and each group is timed here with the real training
 functions on fresh networks: one untimed warm-up call, then ``w`` and ``w + k`` training steps
-(per-step time and per-run set-up), ``w`` steps with the evaluation sets (time of one evaluation of
-them all) and ``w`` steps with each probe (time of one call). A run's estimate is
+(per-step time and per-run set-up), ``w`` steps evaluating the evaluation sets twice (time of one
+evaluation of them all) and ``w`` steps calling each probe twice (time of one call). A run's estimate is
 
     set-up + steps * step + evaluations * evaluation + sum over probes of calls * call
 
 with the counts of evaluations and probe calls taken from the run's own schedule (the rule
 :func:`common.train.train` follows). Stacked groups are timed with ``min(stack, missing)`` members
 and charged once per chunk. Saving a run to the cache is not counted.
+
+Each timed stretch lasts at least ``min_s`` seconds (default 0.3): ``k`` starts at ``timed`` and grows,
+and so do the evaluations and probe calls (one at each of as many steps, at most ``w + k``), until the
+stretch takes that long or is as long as the run itself. On a GPU ten steps of a small network take a
+few tens of milliseconds, no more than the copy of the training set to the device that each timing call
+makes, so two calls ten steps apart would differ by little more than that copy's variation.
 
 A run read from ``results/`` has no weights. When a missing run starts from one (a transfer variant of an
 upstream run stored there), the upstream run is trained again for its weights before it: the plan counts
@@ -135,11 +141,12 @@ class _Pending:
             + (f", stacked by {self.stack}" if self.stack > 1 else "")
         )
 
-    def _timed(self, members, steps, evals, callbacks) -> float:
+    def _timed(self, members, steps, evals, callbacks, eval_at=()) -> float:
         from .stacked import train_stacked
         from .train import train
 
-        kw = {**self.kw, "steps": steps, "eval_sets": evals, "callbacks": callbacks, "dev": self.dev}
+        kw = {**self.kw, "steps": steps, "eval_sets": evals, "eval_at": eval_at, "callbacks": callbacks}
+        kw["dev"] = self.dev
         nets = [m.model.build() for m in members]
         _sync(self.dev)
         t0 = time.perf_counter()
@@ -151,33 +158,82 @@ class _Pending:
         _sync(self.dev)
         return time.perf_counter() - t0
 
-    def measure(self, members, warm: int, timed: int) -> dict:
-        """Seconds for one run (one chunk when stacked) of this group, with the parts it is made of."""
+    def measure(self, members, warm: int, timed: int, min_s: float = 0.0) -> dict:
+        """Seconds for one run (one chunk when stacked) of this group, with the parts it is made of (module
+        docstring): ``setup_s``, ``step_s``, ``eval_s``, ``probe_s`` (one per probe), ``run_s``, and how many
+        steps, evaluations and probe calls were timed (``timed``)."""
         w = max(1, min(warm, self.steps))
-        every = 10**12  # a probe or evaluation then runs only at step 0 and at the end of the timing call
         evals = self.eval_sets or None
-        self._timed(members, w, evals, [(every, p) for p in self.probes])  # warm-up: kernels, allocator, cuDNN
+        self._timed(members, w, evals, [([], p) for p in self.probes])  # warm-up: kernels, allocator, cuDNN
         a = self._timed(members, w, None, [])
-        b = self._timed(members, w + timed, None, [])
-        step = max(b - a, 0.0) / timed
+        k, step = _stretch(lambda k: self._timed(members, w + k, None, []) - a, timed, self.steps - w, min_s)
         setup = max(a - w * step, 0.0)
-        ev = max(self._timed(members, w, evals, []) - a, 0.0) / 2 if evals else 0.0
-        calls = [max(self._timed(members, w, None, [(every, p)]) - a, 0.0) / 2 for p in self.probes]
+
+        def records(n, evals=None, probe=None):  # seconds of n evaluations (or probe calls), over a run without
+            s = max(w, n - 1)  # recorded at step 0, at steps 1 .. n - 2 and at the end
+            at = list(range(1, n - 1))
+            t = self._timed(members, s, evals, [] if probe is None else [(at, probe)], eval_at=at if evals else ())
+            return t - (setup + s * step)
+
+        most = w + k + 1  # never more training steps than the step timing took
         n_eval = n_records(self.steps, self.eval_every, self.eval_at) if evals else 0
         n_calls = [n_records(self.steps, p.every) for p in self.probes]
-        total = setup + self.steps * step + n_eval * ev + sum(n * c for n, c in zip(n_calls, calls))
-        return {"setup_s": setup, "step_s": step, "eval_s": ev, "probe_s": calls, "run_s": total}
+        ev, n_ev = 0.0, 0
+        if evals:
+            n_ev, ev = _stretch(lambda n: records(n, evals=evals), 2, min(most, max(2, n_eval)), min_s)
+        calls = [
+            _stretch(lambda n, p=p: records(n, probe=p), 2, min(most, max(2, c)), min_s)
+            for p, c in zip(self.probes, n_calls)
+        ]
+        total = setup + self.steps * step + n_eval * ev + sum(n * c for n, (_, c) in zip(n_calls, calls))
+        return {
+            "setup_s": setup,
+            "step_s": step,
+            "eval_s": ev,
+            "probe_s": [c for _, c in calls],
+            "run_s": total,
+            "timed": {"steps": k, "evals": n_ev, "probe_calls": [n for n, _ in calls]},
+        }
+
+
+def _stretch(cost: Callable[[int], float], n: int, most: int, min_s: float) -> tuple:
+    """``(n, seconds per unit)`` from ``cost(n)``, the seconds of ``n`` units of work (steps, evaluations): ``n``
+    starts at the given count and grows, at most three times and never past ``most``, until they take ``min_s``."""
+    n = max(1, min(n, most)) if most >= 1 else max(1, n)
+    t = cost(n)
+    for _ in range(3):
+        if t >= min_s or n >= most:
+            break
+        n = min(most, max(2 * n, math.ceil(1.5 * n * min_s / max(t, 1e-4))))
+        t = cost(n)
+    return n, max(t, 0.0) / n
 
 
 class Plan:
     """Collects the runs a block of notebook code would train (see the module docstring), measures them
     and enforces ``max_minutes`` (None: no limit). ``warm`` and ``timed``: training steps of the timing
-    calls. After the block (or :meth:`fit`): ``eta_s`` (estimated seconds for the missing runs it will train),
-    ``measure_s`` (what the timing took), ``rows`` (one dict per group), ``missing`` (those runs), ``stored``
-    (run counts by where they were found) and ``pool`` (what :meth:`fit` chose, else None)."""
+    calls; ``min_s``: the least seconds each timed stretch lasts (module docstring). After the block (or
+    :meth:`fit`): ``eta_s`` (estimated seconds for the missing runs it will train), ``measure_s`` (what the
+    timing took), ``rows`` (one dict per group), ``missing`` (those runs), ``stored`` (run counts by where
+    they were found) and ``pool`` (what :meth:`fit` chose, else None)."""
 
-    def __init__(self, max_minutes: Optional[float] = None, warm: int = 3, timed: int = 10, hint: str = "", dev=None):
-        self.max_minutes, self.warm, self.timed, self.hint, self.dev = max_minutes, warm, timed, hint, dev
+    def __init__(
+        self,
+        max_minutes: Optional[float] = None,
+        warm: int = 3,
+        timed: int = 10,
+        min_s: float = 0.3,
+        hint: str = "",
+        dev=None,
+    ):
+        self.max_minutes, self.warm, self.timed, self.min_s, self.hint, self.dev = (
+            max_minutes,
+            warm,
+            timed,
+            min_s,
+            hint,
+            dev,
+        )
         self.pending: list = []  # every missing run collected, in the order asked
         self.missing: list = []  # those to train: all of them, or the first ``pool["used"]`` members'
         self.eta_s = self.measure_s = 0.0
@@ -283,7 +339,9 @@ class Plan:
         self._groups = []
         for members in groups.values():
             chunk = min(members[0].stack, len(members))
-            self._groups.append((members, members[0].measure(members[:chunk], self.warm, self.timed), chunk))
+            self._groups.append(
+                (members, members[0].measure(members[:chunk], self.warm, self.timed, self.min_s), chunk)
+            )
         self.measure_s = time.perf_counter() - t0
         self.rows, self.eta_s, self.missing = self._tally(None)
         return self.eta_s

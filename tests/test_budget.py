@@ -141,6 +141,55 @@ def test_eta_is_within_a_factor_of_the_real_time(small):
     assert real / 2.5 < plan.eta_s < real * 2.5, (plan.eta_s, real)
 
 
+def _clock(monkeypatch, setup=0.060, jitter=0.015, step=0.002, evaluation=0.020, call=0.001, seed=0):
+    """Timing calls on a made-up device: ``setup`` seconds (give or take ``jitter``, uniform) per call, ``step``
+    per training step, ``evaluation`` per evaluation of the sets and ``call`` per probe call, counted as the
+    training loop records them (:func:`common.budget.n_records`). GPU-like: ten steps take less than the jitter."""
+    rng = torch.Generator().manual_seed(seed)
+
+    def timed(self, members, steps, evals, callbacks, eval_at=()):
+        t = setup + jitter * (2 * torch.rand((), generator=rng).item() - 1) + steps * step
+        t += evaluation * budget.n_records(steps, None, eval_at) if evals else 0.0
+        return t + sum(call * budget.n_records(steps, every) for every, _ in callbacks)
+
+    monkeypatch.setattr(budget._Pending, "_timed", timed)
+
+
+def test_each_timed_stretch_lasts_min_s_so_set_up_jitter_does_not_swamp_fast_steps(small, monkeypatch):
+    x, y = small
+    with C.Plan(None) as plan:
+        _run(x, y, 0, steps=2000)
+    pending = plan.pending[0]
+    far = {"step": [], "eval": [], "call": []}  # relative errors of the estimates
+    for seed in range(20):
+        _clock(monkeypatch, seed=seed)
+        cost = pending.measure([pending], warm=3, timed=10, min_s=0.3)
+        assert cost["timed"]["steps"] * 0.002 >= 0.3 and cost["timed"]["evals"] * 0.020 >= 0.3
+        far["step"].append(abs(cost["step_s"] / 0.002 - 1))
+        far["eval"].append(abs(cost["eval_s"] / 0.020 - 1))
+        far["call"].append(abs(cost["probe_s"][0] / 0.001 - 1))
+    assert max(far["step"]) < 0.1 and max(far["eval"]) < 0.1 and max(far["call"]) < 0.3, far
+    # without a least duration (ten timed steps, two evaluations, two calls; more only where the difference came out
+    # negative) the jitter of one set-up is most of what is measured
+    worst = 0.0
+    for seed in range(20):
+        _clock(monkeypatch, seed=seed)
+        cost = pending.measure([pending], warm=3, timed=10, min_s=0.0)
+        worst = max(worst, abs(cost["step_s"] / 0.002 - 1))
+    assert worst > 0.3
+
+
+def test_timing_never_runs_longer_than_the_run_itself(small, monkeypatch):
+    x, y = small
+    with C.Plan(None) as plan:
+        _run(x, y, 0, steps=40)
+    pending = plan.pending[0]
+    _clock(monkeypatch, step=1e-5, evaluation=1e-5, call=1e-5)  # nothing is ever long enough
+    cost = pending.measure([pending], warm=3, timed=10, min_s=0.3)
+    n_eval = budget.n_records(40, 10, [3])
+    assert cost["timed"] == {"steps": 37, "evals": n_eval, "probe_calls": [budget.n_records(40, 7)]}
+
+
 def test_stacked_groups_are_timed_with_the_stacked_trainer(small):
     x, y = small
     xf = x.flatten(1)[:, :30].contiguous()
@@ -155,7 +204,7 @@ def test_stacked_groups_are_timed_with_the_stacked_trainer(small):
 def _fixed_cost(monkeypatch, seconds=10.0):
     """Every run (one chunk when stacked) costs ``seconds``: what fit chooses can then be worked out by hand."""
 
-    def measure(self, members, warm, timed):
+    def measure(self, members, warm, timed, min_s):
         return {"setup_s": 0.0, "step_s": 0.0, "eval_s": 0.0, "probe_s": [], "run_s": seconds}
 
     monkeypatch.setattr(budget._Pending, "measure", measure)
