@@ -154,13 +154,25 @@ def test_every_model_and_probe_of_the_notebooks_runs_in_bf16_channels_last(small
             assert hist["callbacks"]["step"][0] == 0 and hist["callbacks"]["step"][-1] == 4, type(model).__name__
 
 
-def test_plan_times_missing_runs_on_the_gpu(small):
+def test_plan_times_missing_runs_on_the_gpu_near_their_real_time(small):
+    import time
+
     from common.budget import Plan
     from common.models import spec
     from common.train import cached_train
 
-    x, y, _, _ = small
+    x, y, xt, yt = small
+    model = spec("two_layer_cnn", filters=8, hidden=16, seed=0)
+    kw = dict(steps=1500, batch_size=64, eval_sets={"test": (xt, yt)}, eval_every=100, dev=CUDA)
     with Plan(None, dev=CUDA) as plan:
-        r = cached_train(spec("two_layer_cnn", filters=8, hidden=16, seed=0), x, y, steps=50, batch_size=64, dev=CUDA)
+        r = cached_train(model, x, y, **kw)
     assert r.source == "pending" and plan.eta_s > 0
     assert torch.cuda.get_device_name(CUDA) in plan.table()
+    row = plan.rows[0]  # each timed stretch lasts 0.3 s, unless it is as long as the run
+    assert row["timed"]["steps"] * row["step_s"] >= 0.3 or row["timed"]["steps"] == 1500 - 3, row
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    assert cached_train(model, x, y, **kw).source == "computed"
+    torch.cuda.synchronize()
+    real = time.perf_counter() - t0
+    assert real / 1.5 < plan.eta_s < real * 1.5, (plan.eta_s, real, row)
