@@ -29,8 +29,8 @@ and charged once per chunk. Saving a run to the cache is not counted.
 Each timed stretch lasts at least ``min_s`` seconds (default 0.3): ``k`` starts at ``timed`` and grows,
 and so do the evaluations and probe calls (one at each of as many steps, at most ``w + k``), until the
 stretch takes that long or is as long as the run itself. On a GPU ten steps of a small network take a
-few tens of milliseconds, no more than the copy of the training set to the device that each timing call
-makes, so two calls ten steps apart would differ by little more than that copy's variation.
+few tens of milliseconds, of the order of the copy of the training set to the device that each timing
+call makes, so two calls ten steps apart could differ by little more than that copy's variation.
 
 A run read from ``results/`` has no weights. When a missing run starts from one (a transfer variant of an
 upstream run stored there), the upstream run is trained again for its weights before it: the plan counts
@@ -145,8 +145,7 @@ class _Pending:
         from .stacked import train_stacked
         from .train import train
 
-        kw = {**self.kw, "steps": steps, "eval_sets": evals, "eval_at": eval_at, "callbacks": callbacks}
-        kw["dev"] = self.dev
+        kw = dict(self.kw, steps=steps, eval_sets=evals, eval_at=eval_at, callbacks=callbacks, dev=self.dev)
         nets = [m.model.build() for m in members]
         _sync(self.dev)
         t0 = time.perf_counter()
@@ -199,7 +198,8 @@ class _Pending:
 def _stretch(cost: Callable[[int], float], n: int, most: int, min_s: float) -> tuple:
     """``(n, seconds per unit)`` from ``cost(n)``, the seconds of ``n`` units of work (steps, evaluations): ``n``
     starts at the given count and grows, at most three times and never past ``most``, until they take ``min_s``."""
-    n = max(1, min(n, most)) if most >= 1 else max(1, n)
+    most = max(1, most)
+    n = max(1, min(n, most))
     t = cost(n)
     for _ in range(3):
         if t >= min_s or n >= most:
@@ -226,14 +226,8 @@ class Plan:
         hint: str = "",
         dev=None,
     ):
-        self.max_minutes, self.warm, self.timed, self.min_s, self.hint, self.dev = (
-            max_minutes,
-            warm,
-            timed,
-            min_s,
-            hint,
-            dev,
-        )
+        self.max_minutes, self.hint, self.dev = max_minutes, hint, dev
+        self.warm, self.timed, self.min_s = warm, timed, min_s
         self.pending: list = []  # every missing run collected, in the order asked
         self.missing: list = []  # those to train: all of them, or the first ``pool["used"]`` members'
         self.eta_s = self.measure_s = 0.0
