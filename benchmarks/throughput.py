@@ -12,7 +12,8 @@
   speed-up, the number that sizes the ``stack`` of the notebooks' GPU presets;
 - protocol (2-layer CNN): the engine running Figure 2's protocol, misalignment probe every 10 steps
   and full-set evaluation every 100, so the cost of measurements is visible.
-Synthetic CIFAR-shaped data; the same cuDNN settings for every path; each row is the mean of
+Synthetic CIFAR-shaped data; the same cuDNN settings for every path, and on the CPU the same malloc settings
+(common.train.keep_freed_memory, set before the first path runs); each row is the mean of
 ``--repeats`` runs with the range below it.
 """
 
@@ -26,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from common import models as M
 from common.probes import FirstLayerMisalignment
 from common.stacked import train_stacked
-from common.train import device, train
+from common.train import device, keep_freed_memory, train
 
 MODELS = {
     "cnn": lambda: M.two_layer_cnn(first_layer_std=0.002),
@@ -180,6 +181,7 @@ def main():
     stacks = args.stack or ([4, 8, 12, 16] if cuda else [4])
     if cuda:
         torch.backends.cudnn.benchmark = True  # the same cuDNN setting for every path
+    kept = None if cuda else keep_freed_memory()  # the engine sets it at its first run; every path gets it
     g = torch.Generator().manual_seed(0)
     x8 = torch.randint(0, 256, (args.n, 3, 32, 32), dtype=torch.uint8, generator=g)
     y = torch.randint(10, (args.n,), generator=g)
@@ -188,6 +190,7 @@ def main():
     print(
         f"device: {name}; torch {torch.__version__}; batch {args.batch}; {warm} warm-up + {steps} timed steps; "
         f"{args.repeats} repeats (mean, and the range over repeats)"
+        + ("" if kept is None else f"; malloc keeps freed memory: {kept}")
     )
     print(
         f"{'model':8} {'naive img/s':>12} {'bare img/s':>11} {'engine img/s':>13} {'engine/naive':>13} "

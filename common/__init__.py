@@ -42,7 +42,7 @@ from .models import (
 from .probes import FirstLayerFilters, FirstLayerMisalignment, FirstLayerSecondMoment, ReluActivity
 from .report import Claims, Notebook, resolve_preset
 from .stacked import train_stacked
-from .train import cached_train, cached_train_many, device, evaluate, reproducible, train
+from .train import cached_train, cached_train_many, device, evaluate, keep_freed_memory, reproducible, train
 from .transfer import (
     Variant,
     covariance_init,

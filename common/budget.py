@@ -157,7 +157,7 @@ class _Pending:
         _sync(self.dev)
         return time.perf_counter() - t0
 
-    def measure(self, members, warm: int, timed: int, min_s: float = 0.0) -> dict:
+    def measure(self, members, warm: int, timed: int, min_s: float) -> dict:
         """Seconds for one run (one chunk when stacked) of this group, with the parts it is made of (module
         docstring): ``setup_s``, ``step_s``, ``eval_s``, ``probe_s`` (one per probe), ``run_s``, and how many
         steps, evaluations and probe calls were timed (``timed``)."""
@@ -168,7 +168,8 @@ class _Pending:
         k, step = _stretch(lambda k: self._timed(members, w + k, None, []) - a, timed, self.steps - w, min_s)
         setup = max(a - w * step, 0.0)
 
-        def records(n, evals=None, probe=None):  # seconds of n evaluations (or probe calls), over a run without
+        # seconds of n evaluations (or probe calls): a run with them, less the same run without them
+        def records(n, evals=None, probe=None):
             s = max(w, n - 1)  # recorded at step 0, at steps 1 .. n - 2 and at the end
             at = list(range(1, n - 1))
             t = self._timed(members, s, evals, [] if probe is None else [(at, probe)], eval_at=at if evals else ())

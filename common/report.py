@@ -21,7 +21,7 @@ import torch
 
 from . import budget, cache
 from .data import REPO_ROOT
-from .train import reproducible
+from .train import malloc_keeps_freed_memory, reproducible
 
 PRESETS = ("smoke", "quick", "paper")
 
@@ -86,7 +86,8 @@ def cpu_model() -> str:
 
 def environment() -> dict:
     """Device name, CPU model and the instruction set torch's CPU kernels use (results on the CPU depend on it:
-    docs/reproducibility.md), torch/python versions, host, thread count and git commit."""
+    docs/reproducibility.md), torch/python versions, host, thread count, whether malloc kept freed memory (null when
+    nothing trained on the CPU in this process) and git commit."""
     dev = (
         torch.cuda.get_device_name(0)
         if torch.cuda.is_available()
@@ -100,6 +101,7 @@ def environment() -> dict:
         "python": platform.python_version(),
         "host": platform.node(),
         "threads": torch.get_num_threads(),
+        "malloc_keeps_freed_memory": malloc_keeps_freed_memory(),
         "git_commit": cache.git_commit(),
     }
 

@@ -27,7 +27,17 @@ from torch import nn
 
 from .data import DeviceLoader
 from .models import TwoLayerCNN, TwoLayerFC
-from .train import _autocast, _due_callbacks, _record_callbacks, _recorded_at, _wide, device, lr_at, n_steps
+from .train import (
+    _autocast,
+    _due_callbacks,
+    _record_callbacks,
+    _recorded_at,
+    _wide,
+    device,
+    keep_freed_memory,
+    lr_at,
+    n_steps,
+)
 
 
 class StackedNet(nn.Module):
@@ -125,6 +135,8 @@ def train_stacked(
     steps = n_steps(steps, epochs, len(x), batch_size)
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True  # as common.train.train sets it, whichever trainer runs first
+    else:
+        keep_freed_memory()
     models = [m.to(dev, dtype) for m in models]  # in place: weights are written back into them
     net = StackedNet(models).to(dev, dtype)
     net.train()
