@@ -1,3 +1,4 @@
+import hashlib
 import pickle
 
 import numpy as np
@@ -160,9 +161,17 @@ def test_standardize_matches_numpy():
     xn = x.numpy().astype(np.float64) / 255
     assert np.allclose(mean.numpy(), xn.mean(axis=(0, 2, 3)))
     assert np.allclose(std.numpy(), xn.std(axis=(0, 2, 3), ddof=1))
+    # exactly: the statistics from numpy's integer sums, the images from three float32 operations in numpy
+    xi = x.numpy().astype(np.int64)
+    s1, s2, n = xi.sum(axis=(0, 2, 3)).astype(np.float64), (xi * xi).sum(axis=(0, 2, 3)).astype(np.float64), 20 * 16
+    assert np.array_equal(mean.numpy(), s1 / n / 255.0)
+    assert np.array_equal(std.numpy(), np.sqrt((s2 - s1 * s1 / n) / (n - 1)) / 255.0)
     z = D.standardize(x, mean, std).numpy()
+    m32, s32 = (t.numpy().astype(np.float32)[None, :, None, None] for t in (mean, std))
+    assert z.dtype == np.float32 and np.array_equal(z, (x.numpy().astype(np.float32) / np.float32(255) - m32) / s32)
     ref = (xn - xn.mean(axis=(0, 2, 3))[None, :, None, None]) / xn.std(axis=(0, 2, 3), ddof=1)[None, :, None, None]
     assert np.allclose(z, ref, atol=1e-5)
+    assert x.dtype == torch.uint8  # the input is left alone
 
 
 def test_per_image_standardize_matches_numpy():
@@ -221,6 +230,19 @@ def test_real_cifar10_contents(cifar):
     mean, _ = D.channel_stats(cifar.x_train)
     assert np.allclose(mean.numpy(), [0.4914, 0.4822, 0.4465], atol=5e-4)
     assert torch.bincount(cifar.y_test).tolist() == [1000] * 10
+
+
+@pytest.mark.real_data
+def test_real_cifar10_standardises_to_the_same_bytes_as_before(cifar):
+    """The run cache keys on these bytes: the SHA-256 of the standardised training and test images, as the first
+    implementation (int64 sums, out-of-place float32 operations) gave them on the dev CPU."""
+    x_train, x_test = D.standardized(cifar)
+    assert hashlib.sha256(x_train.numpy().tobytes()).hexdigest() == (
+        "f3cd9f0aa761e89935880766ee4abfd28f4d9954152a88fe107de4563ec70afb"
+    )
+    assert hashlib.sha256(x_test.numpy().tobytes()).hexdigest() == (
+        "8c7123f25a561adaf2d4a5ae5b47f6b29a5ff460364ca2b9e9104003076bcc6e"
+    )
 
 
 def test_load_data_falls_back_only_when_allowed(tmp_path, capsys):
