@@ -60,12 +60,14 @@ _MALLOC = {"keeps_freed_memory": None}  # None: not asked yet in this process
 def keep_freed_memory() -> bool:
     """Ask glibc's malloc (Linux) to serve large blocks from its heap and never hand freed memory
     back to the system: ``mallopt(M_MMAP_MAX, 0)`` and ``mallopt(M_TRIM_THRESHOLD, -1)``. By
-    default every block above a few MB (a batch's activations, their gradients) is a fresh
-    ``mmap`` that the kernel zero-fills page by page at first touch and that is unmapped when
-    freed, so a CPU training step pays tens of thousands of page faults. Kept, the same blocks are
-    reused from one step to the next; the process then holds on to its peak memory. Numbers
-    are unchanged (docs/reproducibility.md gives the measured speed-up). Called by :func:`train`
-    and ``train_stacked`` on the CPU; once per process. Returns whether malloc took the settings
+    default, blocks above malloc's mmap threshold (raised as such blocks are freed, up to 32 MB)
+    are fresh ``mmap`` mappings, unmapped when freed, and the free top of the heap goes back to the
+    system; memory that comes back from the system is zero-filled page by page at first touch.
+    Depending on what the process allocated before, a CPU training step then pays tens of
+    thousands of page faults for its activations and gradients, every step. Kept, the same blocks
+    are reused from one step to the next; the process holds on to its peak memory. Numbers are
+    unchanged (docs/reproducibility.md gives the measurements). Called by :func:`train` and
+    ``train_stacked`` on the CPU; once per process. Returns whether malloc took the settings
     (False elsewhere than glibc)."""
     if _MALLOC["keeps_freed_memory"] is None:
         ok = False
@@ -75,7 +77,7 @@ def keep_freed_memory() -> bool:
                 m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
                 ok = bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, -1))
             except (OSError, AttributeError):  # not glibc: musl has no mallopt
-                ok = False
+                pass
         _MALLOC["keeps_freed_memory"] = ok
     return _MALLOC["keeps_freed_memory"]
 
