@@ -44,6 +44,7 @@ from .report import Claims, Notebook, resolve_preset
 from .stacked import train_stacked
 from .train import cached_train, cached_train_many, device, evaluate, keep_freed_memory, reproducible, train
 from .transfer import (
+    LayerVariant,
     Variant,
     covariance_init,
     gaussian_resample,

@@ -136,6 +136,14 @@ def _layer_input(model: nn.Module, idx: int, x: torch.Tensor, batch: int = 500) 
     return torch.cat([model.features[:idx](x[s : s + batch]) for s in range(0, len(x), batch)])
 
 
+def _input_covariance(a: torch.Tensor, k: int) -> torch.Tensor:
+    """Patch covariance of the layer inputs ``a (N, C, H, W)``, summed over chunks of images whose float64 patch
+    matrix stays near 256 MB (one chunk of 1,000 images of 64 channels at 32 x 32 would take 4 GB)."""
+    n, c, h, w = a.shape
+    per_image = (h - k + 1) * (w - k + 1) * c * k * k
+    return patch_covariance(a, k, chunk=max(1, 2**25 // per_image))
+
+
 @torch.no_grad()
 def layerwise_covariance_transfer(
     pretrained: nn.Module,
@@ -165,10 +173,10 @@ def layerwise_covariance_transfer(
         conv_p, conv_n = pretrained.features[idx_p[l]], fresh.features[idx_n[l]]
         k = conv_p.kernel_size[0]
         a_p = _layer_input(pretrained, idx_p[l], probe_images)
-        lam_p, v_p = eigh_desc(patch_covariance(a_p, k))
+        lam_p, v_p = eigh_desc(_input_covariance(a_p, k))
         tau = transfer_function(second_moment(filter_matrix(conv_p)), v_p)
         a_n = a_p if l == 0 else _layer_input(fresh, idx_n[l], probe_images)
-        lam_n, v_n = eigh_desc(patch_covariance(a_n, k))
+        lam_n, v_n = eigh_desc(_input_covariance(a_n, k))
         target = (v_n * tau**2) @ v_n.T
         old_norm = conv_n.weight.norm()
         W = sample_gaussian(target, conv_n.out_channels, generator)
@@ -201,6 +209,15 @@ def random_eigenbasis_init(
     W = sample_gaussian((Q * vals) @ Q.T, layer.weight.shape[0], generator)
     set_filters(layer, W)
     return W
+
+
+def _upstream_network(model: nn.Module, trained: dict) -> nn.Module:
+    """A copy of ``model`` holding the upstream run's ``trained`` state dict, but for tensors of another shape (the
+    upstream head may have another number of classes: it is never copied)."""
+    source = copy.deepcopy(model)
+    own = source.state_dict()
+    source.load_state_dict({k: v for k, v in trained.items() if k in own and own[k].shape == v.shape}, strict=False)
+    return source
 
 
 class Variant:
@@ -244,10 +261,8 @@ class Variant:
 
     @torch.no_grad()
     def apply(self, model: nn.Module) -> nn.Module:
-        init, trained = self.upstream.states["init"], self.upstream.states["trained"]
-        source = copy.deepcopy(model)
-        own = source.state_dict()  # the upstream head may have another number of classes: never copied
-        source.load_state_dict({k: v for k, v in trained.items() if k in own and own[k].shape == v.shape}, strict=False)
+        init = self.upstream.states["init"]
+        source = _upstream_network(model, self.upstream.states["trained"])
         first = type(model).FIRST
         if self.name == "no rescaling":
             transplant(source, model, [first], bias="keep")
@@ -270,3 +285,56 @@ class Variant:
             else:
                 random_eigenbasis_init(model.get_submodule(first), W, g, basis_seed=30_000 + self.seed)
         return model
+
+
+class LayerVariant:
+    """A downstream initialisation of Section 2.5, transferring more layers (docs/protocol.md, "Layer-wise
+    transfer"): the first ``n_layers`` conv layers of a fresh network with a ``features`` stack of conv layers
+    (vgg16) come from the upstream run ``upstream`` (its states ``"init"`` and ``"trained"``); every other layer
+    keeps the fresh init and the head is fresh. Kinds:
+
+    - ``"pretrained"``: those layers copied, each rescaled to its initial norm, biases 0 (for one layer the same as
+      ``Variant("pretrained")``);
+    - ``"covariance"``: :func:`layerwise_covariance_transfer` from the upstream network with those layers rescaled
+      to their initial norms and biases 0 (the network that "pretrained" copies from), through ``probe_images
+      (N, 3, H, W)``; biases 0, each sampled layer rescaled to the fresh layer's norm, sampling seeded by ``seed``.
+      Computed on the probe images' device; the model is returned where it was.
+
+    ``key()`` names the upstream run by its cache hash and, for "covariance", the probe images by their
+    fingerprint.
+    """
+
+    KINDS = ("pretrained", "covariance")
+
+    def __init__(self, kind: str, n_layers: int, upstream, seed: int, probe_images: Optional[torch.Tensor] = None):
+        if kind not in self.KINDS:
+            raise ValueError(f"unknown kind {kind!r}; one of {self.KINDS}")
+        if n_layers < 1:
+            raise ValueError(f"n_layers must be at least 1, got {n_layers}")
+        if kind == "covariance" and probe_images is None:
+            raise ValueError("kind 'covariance' needs probe_images (N, 3, H, W): the layers' inputs come from them")
+        self.kind, self.n_layers, self.upstream, self.seed = kind, n_layers, upstream, seed
+        self.probe_images = probe_images
+
+    def key(self) -> dict:
+        key = {"variant": self.kind, "n_layers": self.n_layers, "seed": self.seed, "upstream": self.upstream.hash}
+        if self.kind == "covariance":
+            key["probe"] = self.probe_images
+        return key
+
+    @torch.no_grad()
+    def apply(self, model: nn.Module) -> nn.Module:
+        convs = [f"features.{i}" for i in _conv_indices(model)]
+        if self.n_layers > len(convs):
+            raise ValueError(f"the network has {len(convs)} conv layers; cannot transfer {self.n_layers}")
+        convs = convs[: self.n_layers]
+        init = self.upstream.states["init"]
+        source = _upstream_network(model, self.upstream.states["trained"])
+        if self.kind == "pretrained":
+            transplant(source, model, convs, reference_state=init, bias="zero")
+            return model
+        rescale_to_reference(source, init, convs, bias="zero")
+        home, dev = next(model.parameters()).device, self.probe_images.device
+        g = torch.Generator().manual_seed(40_000 + self.seed)
+        layerwise_covariance_transfer(source.to(dev), model.to(dev), self.probe_images, self.n_layers, g)
+        return model.to(home)

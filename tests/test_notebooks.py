@@ -39,6 +39,12 @@ EXPECTED = {
         "real: |covariance - pretrained|",
         "real: no rescaling",
     ],
+    "06_more_layers": [
+        "upstream train accuracy",
+        "covariance, 1 layer(s) - scratch",
+        "covariance, 2 layers - covariance, 1",
+        "|covariance, 2 - pretrained, 2|",
+    ],
 }
 
 

@@ -110,6 +110,127 @@ def test_layerwise_transfer_first_layer_follows_data_eigenvector():
     assert info[1]["tau"].shape == (N.features[2].weight[0].numel(),)
 
 
+class _TwoConvStack(torch.nn.Module):
+    """conv 3x3 (3 -> 4, padding 1), ReLU, max-pool 2, conv 3x3 (4 -> ``m2``, padding 1): a feature stack with a
+    second layer wide enough to check the covariance of its sampled filters by Monte Carlo."""
+
+    def __init__(self, m2):
+        super().__init__()
+        nn = torch.nn
+        self.features = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, m2, 3))
+
+
+def _np_block_output(x, w, b):
+    """Hand-written reference of conv 3x3 (padding 1) + bias, ReLU, max-pool 2: ``x (n, c, h, w)`` -> numpy."""
+    n, c, h, wd = x.shape
+    xp = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
+    out = np.zeros((n, w.shape[0], h, wd))
+    for i in range(h):
+        for j in range(wd):
+            out[:, :, i, j] = np.einsum("ncab,ocab->no", xp[:, :, i : i + 3, j : j + 3], w) + b
+    out = np.maximum(out, 0)
+    return out.reshape(n, w.shape[0], h // 2, 2, wd // 2, 2).max(axis=(3, 5))
+
+
+def _np_patch_eigvecs(a):
+    """Eigenvectors (columns, largest eigenvalue first) of the centred covariance of every valid 3 x 3 patch of
+    ``a (n, c, h, w)``, each patch flattened in (c, kh, kw) order, by hand loops."""
+    n, c, h, w = a.shape
+    rows = [a[:, :, i : i + 3, j : j + 3].reshape(n, -1) for i in range(h - 2) for j in range(w - 2)]
+    vals, vecs = np.linalg.eigh(np.cov(np.concatenate(rows), rowvar=False, bias=True))
+    assert vals[0] > 1e-8 * vals[-1], "degenerate eigenvalues: the reference would be ambiguous"
+    return vecs[:, ::-1]
+
+
+def test_layerwise_transfer_second_layer_matches_a_numpy_reference():
+    """Layer 2: tau from the pretrained filters against the pretrained network's own post-ReLU, post-pool inputs,
+    mapped rank by rank onto the eigenvectors of the new network's inputs (through its re-sampled layer 1): the
+    sampled filters' second moment is sum_i tau_i^2 v_i^N v_i^N^T, recomputed here in numpy (Monte Carlo)."""
+    torch.manual_seed(0)
+    probe = torch.randn(150, 3, 8, 8, dtype=torch.float64)
+    probe[:, 1] += 0.7 * probe[:, 0]
+    P, N = _TwoConvStack(16).double(), _TwoConvStack(40_000).double()
+    with torch.no_grad():
+        P.features[0].bias.fill_(0.2)  # every unit fires on some patches: no degenerate directions
+        P.features[3].weight.mul_(torch.linspace(0.2, 3.0, 36, dtype=torch.float64).reshape(1, 4, 3, 3))
+    T.layerwise_covariance_transfer(P, N, probe, 2, torch.Generator().manual_seed(0), rescale=False)
+
+    x = probe.numpy()
+    w1p, b1p = P.features[0].weight.detach().numpy(), P.features[0].bias.detach().numpy()
+    v_p = _np_patch_eigvecs(_np_block_output(x, w1p, b1p))
+    w2p = P.features[3].weight.detach().numpy().reshape(16, -1)
+    tau2 = np.einsum("di,de,ei->i", v_p, w2p.T @ w2p / 16, v_p)
+    w1n, b1n = N.features[0].weight.detach().numpy(), N.features[0].bias.detach().numpy()
+    assert not b1n.any() and not N.features[3].bias.detach().numpy().any()
+    v_n = _np_patch_eigvecs(_np_block_output(x, w1n, b1n))
+    target = (v_n * tau2) @ v_n.T
+    w2n = N.features[3].weight.detach().numpy().reshape(40_000, -1)
+    assert np.abs(w2n.T @ w2n / 40_000 - target).max() < 0.03 * np.abs(target).max()
+    # the mapping matters: the target built on the pretrained network's own eigenvectors is another matrix
+    assert np.abs((v_p * tau2) @ v_p.T - target).max() > 0.2 * np.abs(target).max()
+
+
+class _Upstream:
+    """Stands in for a cached upstream run: its states and its cache hash."""
+
+    def __init__(self, init, trained):
+        self.states, self.hash = {"init": init, "trained": trained}, "0123456789abcdef"
+
+
+def _vgg_upstream():
+    init = M.vgg16(width=0.125, seed=0).state_dict()
+    trained = _trained_like(M.vgg16(width=0.125, seed=0), seed=1).state_dict()
+    return _Upstream({k: v.clone() for k, v in init.items()}, trained)
+
+
+def test_layer_variant_pretrained_copies_the_first_layers_rescaled_and_nothing_else():
+    up = _vgg_upstream()
+    fresh = M.vgg16(width=0.125, seed=5)
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    T.LayerVariant("pretrained", 3, up, seed=0).apply(fresh)
+    after = fresh.state_dict()
+    for i in (0, 2, 5):  # the first three conv layers
+        w, src, ref = after[f"features.{i}.weight"], up.states["trained"][f"features.{i}.weight"], up.states["init"]
+        assert torch.allclose(w, src * ref[f"features.{i}.weight"].norm() / src.norm(), rtol=1e-5, atol=0)
+        assert not after[f"features.{i}.bias"].any()
+    for k in before:
+        if not any(k.startswith(f"features.{i}.") for i in (0, 2, 5)):
+            assert torch.equal(after[k], before[k]), k
+
+
+def test_layer_variant_covariance_samples_from_the_rescaled_bias_free_upstream_network():
+    up = _vgg_upstream()
+    probe = torch.randn(20, 3, 16, 16)
+    fresh = M.vgg16(width=0.125, seed=5)
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    T.LayerVariant("covariance", 2, up, seed=3, probe_images=probe).apply(fresh)
+    # by hand: the upstream network with its first two conv layers rescaled to their initial norms, biases 0
+    P = M.vgg16(width=0.125, seed=9)
+    P.load_state_dict(up.states["trained"])
+    T.rescale_to_reference(P, up.states["init"], ["features.0", "features.2"], bias="zero")
+    ref = M.vgg16(width=0.125, seed=5)
+    T.layerwise_covariance_transfer(P, ref, probe, 2, torch.Generator().manual_seed(40_003))
+    for k, v in fresh.state_dict().items():
+        assert torch.equal(v, ref.state_dict()[k]), k
+        if not k.startswith(("features.0.", "features.2.")):
+            assert torch.equal(v, before[k]), k
+    assert not torch.equal(fresh.features[2].weight, before["features.2.weight"])
+
+
+def test_layer_variant_keys_and_errors():
+    up = _vgg_upstream()
+    probe = torch.randn(4, 3, 8, 8)
+    cov = T.LayerVariant("covariance", 2, up, seed=1, probe_images=probe).key()
+    assert cov["upstream"] == up.hash and cov["n_layers"] == 2 and cov["probe"] is probe
+    assert "probe" not in T.LayerVariant("pretrained", 2, up, seed=1).key()
+    with pytest.raises(ValueError):
+        T.LayerVariant("copy", 1, up, seed=0)
+    with pytest.raises(ValueError):
+        T.LayerVariant("covariance", 1, up, seed=0)  # no probe images
+    with pytest.raises(ValueError):
+        T.LayerVariant("pretrained", 14, up, seed=0).apply(M.vgg16(width=0.125, seed=0))  # VGG16 has 13
+
+
 def test_layerwise_transfer_needs_feature_stack():
     with pytest.raises(TypeError):
         T.layerwise_covariance_transfer(
