@@ -9,7 +9,7 @@
 # folders of PNG batches, each with the cifar10_offline.py that rebuilds the pickles).
 # Notebooks, in priority order, in two passes:
 #   1. each with MAX_MINUTES = most of the time left: a preset whose ETA (measured on this device before anything
-#      trains) fits is trained to its figure and claims; a pooling notebook (01, 03, 04, 05, 06) whose full count does
+#      trains) fits is trained to its figure and claims; a pooling notebook (01, 03 to 07) whose full count does
 #      not fit pools as many seeds or networks as fit ("n of N" in its title and JSON); one whose least count does
 #      not fit prints its plan and is refused at once, and the next notebook is tried. Every notebook reached thus
 #      prints its measured ETA.
@@ -17,7 +17,7 @@
 #      exported to results/<figure>/ as they complete, so the next session trains only what is missing.
 # The archive is written again after the benchmark and after each notebook (a complete one replaces the last), so a
 # command killed from outside (a lent machine's time limit) still leaves everything finished before the kill.
-# Environment: PRESET (paper), ORDER ("02 05 03 04 06 01"), PY (python3); TESTS=0 and BENCH=0 skip the CUDA tests and
+# Environment: PRESET (paper), ORDER ("02 05 03 04 06 07 01"), PY (python3); TESTS=0 and BENCH=0 skip the CUDA tests and
 # the benchmark (a later window, once their results are committed, gives that time to the notebooks); GIT_COMMIT
 # (the short hash of the commit a copied tree without .git was taken from, recorded in the claims JSON and results/).
 # Dry run on a CPU: PRESET=smoke scripts/gpu_run.sh 4 /tmp/out
@@ -26,7 +26,7 @@ cd "$(dirname "$0")/.."
 BUDGET_MIN=${1:?usage: scripts/gpu_run.sh BUDGET_MINUTES [OUT_DIR]}
 OUT_DIR=${2:-${OUT:-runs/gpu_out}}
 PRESET=${PRESET:-paper}
-ORDER=${ORDER:-"02 05 03 04 06 01"}
+ORDER=${ORDER:-"02 05 03 04 06 07 01"}
 PY=${PY:-python3}
 TESTS=${TESTS:-1}
 BENCH=${BENCH:-1}

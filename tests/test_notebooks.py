@@ -45,6 +45,12 @@ EXPECTED = {
         "covariance, 2 layers - covariance, 1",
         "|covariance, 2 - pretrained, 2|",
     ],
+    "07_specialization": [
+        "upstream train accuracy after",
+        "negative: pre-trained (",
+        "negative, at the switch: active-fraction drop in blocks 4-5",
+        "at the switch: blocks 4-5 drop, negative - positive",
+    ],
 }
 
 
