@@ -105,11 +105,14 @@ def test_stacked_members_match_their_sequential_runs_on_cuda_in_float64(small):
 def test_stacked_members_train_in_bf16_as_the_paper_presets_run_them(small):
     """The stacked trainer in float32 under bf16 autocast, with an evaluation set (the paper presets of 04 and 05):
     at step 0 each member evaluates as its own unstacked network does, its loss falls, and it ends about as
-    accurate as its sequential twin (bf16 rounding differs between the two, so the trajectories drift apart)."""
+    accurate as its sequential twin (bf16 rounding differs between the two, so the trajectories drift apart).
+    300 steps, not fewer: on an H200 both paths had transient dips of training accuracy before they settled
+    (sequential seed 4 at 0.902 after 150 steps, stacked seed 2 at 0.941), and all 8 seeds tried sat at 1.0 in
+    both paths from step 200 on (docs/reproducibility.md)."""
     from common.stacked import train_stacked
 
     x, y, _, _ = small
-    kw = dict(steps=150, lr=0.01, batch_size=64, eval_every=50, eval_sets={"train": (x, y)}, dev=CUDA)
+    kw = dict(steps=300, lr=0.01, batch_size=64, eval_every=100, eval_sets={"train": (x, y)}, dev=CUDA)
     hists = train_stacked(
         [M.two_layer_cnn(filters=16, hidden=32, seed=s) for s in range(3)], x, y, data_seeds=[0, 1, 2], **kw
     )
@@ -117,8 +120,8 @@ def test_stacked_members_train_in_bf16_as_the_paper_presets_run_them(small):
         ref = train(M.two_layer_cnn(filters=16, hidden=32, seed=s), x, y, data_seed=s, **kw)
         loss, ref_loss = h["eval"]["train_loss"], ref["eval"]["train_loss"]
         assert abs(loss[0] - ref_loss[0]) < 1e-2 * ref_loss[0], (s, loss[0], ref_loss[0])
-        assert loss[-1] < 0.3 * loss[0], (s, loss)
-        assert abs(h["eval"]["train_acc"][-1] - ref["eval"]["train_acc"][-1]) < 0.05, s
+        assert loss[-1] < 0.01 * loss[0], (s, loss)
+        assert abs(h["eval"]["train_acc"][-1] - ref["eval"]["train_acc"][-1]) < 0.02, s
 
 
 def test_every_model_and_probe_of_the_notebooks_runs_in_bf16_channels_last(small):
