@@ -15,7 +15,7 @@ from .alignment import (
     weight_covariance,
 )
 from .budget import BudgetExceeded, Plan
-from .cache import cached_run, run_key
+from .cache import cached_run, keyed, run_key
 from .data import (
     Cifar10,
     DeviceLoader,

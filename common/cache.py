@@ -112,11 +112,40 @@ def tensor_fingerprint(t) -> str:
     return fp
 
 
+def keyed(fn: Callable, *args, **kwargs):
+    """``fn(*args, **kwargs)``, each tensor it returns keyed in run keys by how it was made (``fn``'s name and
+    its arguments, themselves canonical) instead of by its bytes: ``{"made_by": {"fn", "args", "kwargs"[,
+    "output"]}}``.
+
+    For tensors computed by floating-point linear algebra from keyed inputs, such as Figure 2's bases (an
+    eigen-decomposition, a QR). LAPACK's last bits differ between machines and thread counts, so a key on those
+    bytes would not find on a laptop the runs a GPU machine stored in ``results/`` (docs/reproducibility.md,
+    "Run keys across machines"). ``fn`` must be a function of one of :data:`CODE_MODULES`, whose source is in
+    every key, so a change to what it computes still changes the key. A tuple result is keyed element by element
+    (``"output": i``); arguments may be keyed results in turn. A returned tensor changed in place afterwards is
+    keyed by its bytes again. Raises TypeError for any other ``fn`` or a result that is not tensors."""
+    module = getattr(fn, "__module__", "") or ""
+    package, _, name = module.rpartition(".")
+    if package != __package__ or name not in CODE_MODULES:
+        raise TypeError(f"keyed() takes a function of common.{{{', '.join(CODE_MODULES)}}}, not {module}")
+    recipe = {"fn": f"{name}.{fn.__qualname__}", "args": canonical(list(args)), "kwargs": canonical(kwargs)}
+    out = fn(*args, **kwargs)
+    many = isinstance(out, tuple)
+    for i, t in enumerate(out if many else (out,)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"keyed(): {recipe['fn']} returned a {type(t).__name__}, not tensors")
+        t._made_by = (dict(recipe, output=i) if many else recipe, t._version)
+    return out
+
+
 def canonical(obj):
     """A JSON-able, order-independent description of ``obj``: tensors and arrays become
-    fingerprints, objects with a ``key()`` method (probes, specs) their key, tuples lists.
-    Raises TypeError for anything else, functions included (a name says nothing about what a
+    fingerprints (or, made by :func:`keyed`, their recipe), objects with a ``key()`` method (probes, specs) their
+    key, tuples lists. Raises TypeError for anything else, functions included (a name says nothing about what a
     function computes), rather than guess."""
+    made_by = getattr(obj, "_made_by", None)
+    if isinstance(obj, torch.Tensor) and made_by is not None and made_by[1] == obj._version:
+        return {"made_by": made_by[0]}
     if isinstance(obj, (torch.Tensor, np.ndarray)):
         return {"tensor": tensor_fingerprint(obj)}
     if hasattr(obj, "key") and callable(obj.key):

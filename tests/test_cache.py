@@ -62,6 +62,48 @@ def test_tensors_enter_the_key_by_content():
     assert C.run_key(x=t) != before
 
 
+def test_a_keyed_tensor_enters_the_key_by_its_recipe_not_its_last_bits(monkeypatch):
+    """A basis from LAPACK keyed by what made it: the same key when another LAPACK rounds its last bits otherwise
+    (simulated by an error of 1e-15 in the QR), a different key for other arguments, its bytes again once changed
+    in place. Arguments that are keyed results themselves enter by their recipe."""
+    from common import alignment as A
+
+    R = C.keyed(A.random_orthonormal_basis, 27, seed=0)
+    assert torch.equal(R, A.random_orthonormal_basis(27, seed=0))
+    key = C.run_key(bases={"random": R})
+    assert key["parts"]["bases"]["random"] == {
+        "made_by": {"fn": "alignment.random_orthonormal_basis", "args": [27], "kwargs": {"seed": 0}}
+    }
+    qr = torch.linalg.qr
+    monkeypatch.setattr(torch.linalg, "qr", lambda Z: tuple(t * (1 + 1e-15) for t in qr(Z)))
+    other_machine = C.keyed(A.random_orthonormal_basis, 27, seed=0)
+    assert not torch.equal(other_machine, R)
+    assert C.run_key(bases={"random": other_machine}) == key
+    assert C.run_key(bases={"random": other_machine.clone()}) != C.run_key(bases={"random": R.clone()})
+    assert C.run_key(bases={"random": C.keyed(A.random_orthonormal_basis, 27, seed=1)}) != key
+    R[0, 0] += 1.0  # changed in place: keyed by its bytes again
+    assert C.run_key(bases={"random": R}) == C.run_key(bases={"random": R.clone()}) != key
+
+    x = fake_cifar10(16, seed=0).x_train.float()
+    lam, V = C.keyed(A.eigh_desc, C.keyed(A.patch_covariance, x, 3))
+    made = C.canonical(V)["made_by"]
+    assert made["output"] == 1 and C.canonical(lam)["made_by"]["output"] == 0
+    assert made["args"][0]["made_by"]["args"][0] == {"tensor": C.tensor_fingerprint(x)}
+    assert C.canonical(C.keyed(A.eigh_desc, C.keyed(A.patch_covariance, x[:8], 3))[1]) != {"made_by": made}
+    assert C.canonical(FirstLayerMisalignment({"data": V}, every=1))["bases"]["data"] == {"made_by": made}
+
+
+def test_keyed_takes_only_functions_whose_code_is_in_the_key():
+    with pytest.raises(TypeError):
+        C.keyed(torch.linalg.qr, torch.eye(3))  # torch's code is not in the key
+    with pytest.raises(TypeError):
+        C.keyed(lambda: torch.zeros(2))
+    from common import alignment as A
+
+    with pytest.raises(TypeError):
+        C.keyed(A.misalignment_floor, 16, 3, n_draws=2)  # a float, not a tensor
+
+
 def test_unknown_objects_are_refused():
     with pytest.raises(TypeError):
         C.run_key(model=object())
