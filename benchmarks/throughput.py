@@ -174,6 +174,8 @@ def main():
         help="members of the stacked rows, 2-layer CNN and FC (default 4 8 12 16 on CUDA, 4 on the CPU)",
     )
     args = ap.parse_args()
+    t_start = time.time()
+    took = {}  # section -> seconds of wall time, set-up and warm-up included (where the benchmark's time goes)
     dev = device()
     cuda = dev.type == "cuda"
     steps = args.steps or (200 if cuda else 20)
@@ -197,7 +199,9 @@ def main():
         f"{'engine/bare':>12} {'protocol img/s':>15}"
     )
     engine_mean = {}
+    took["set-up"] = time.time() - t_start
     for key in args.models:
+        t_section = time.time()
         make = MODELS[key]
         rows = []
         for _ in range(args.repeats):
@@ -223,15 +227,20 @@ def main():
         print(
             f"{'':8} {spread[0]:>12} {spread[1]:>11} {spread[2]:>13} {'':13} {'':12} {protocol_range:>15}", flush=True
         )
+        took[key] = time.time() - t_section
     stackable = [k for k in args.models if k in ("cnn", "fc")]
     if stackable:
         print("stacked trainer: N members in one step, img/s summed over them; per-run speed-up = stacked / engine")
         print(f"{'model':8} {'N':>4} {'stacked img/s':>14} {'range':>15} {'stacked/engine':>15}")
     for key in stackable:
+        t_section = time.time()
         for n in stacks:
             rows = [[stacked(MODELS[key], x, y, steps, warm, args.batch, dev, n)] for _ in range(args.repeats)]
             mean, spread = _mean_and_range(rows)
             print(f"{key:8} {n:4d} {mean[0]:14.0f} {spread[0]:>15} {mean[0] / engine_mean[key]:14.2f}x", flush=True)
+        took[f"stacked {key}"] = time.time() - t_section
+    sections = ", ".join(f"{k} {v:.1f} s" for k, v in took.items())
+    print(f"wall time: {sections}; in all {time.time() - t_start:.1f} s")
 
 
 def _mean_and_range(rows):
