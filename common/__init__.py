@@ -40,7 +40,7 @@ from .models import (
     wrn,
 )
 from .probes import FirstLayerFilters, FirstLayerMisalignment, FirstLayerSecondMoment, ReluActivity
-from .report import Claims, Notebook, resolve_preset
+from .report import Claims, Notebook, paired_mean, resolve_preset
 from .stacked import train_stacked
 from .train import cached_train, cached_train_many, device, evaluate, keep_freed_memory, reproducible, train
 from .transfer import (

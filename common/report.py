@@ -17,6 +17,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 
 from . import budget, cache
@@ -121,6 +122,16 @@ def _fmt(v) -> str:
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(_fmt(x) for x in v) + "]"
     return str(v)
+
+
+def paired_mean(d) -> tuple:
+    """The mean of per-seed paired differences ``d (n_seeds,)`` (variant minus baseline, seed by seed) and two
+    standard errors of that mean, ``2 * std(d, ddof=1) / sqrt(n)`` (0.0 for one seed): ``(mean, two_se)`` as floats.
+    The claims of the transfer notebooks (05, 06, 07) compare the mean with ``two_se`` (docs/protocol.md, Figure 5,
+    "Comparisons and claims")."""
+    d = np.asarray(d, dtype=np.float64).reshape(-1)
+    two_se = 2 * d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else 0.0
+    return float(d.mean()), float(two_se)
 
 
 class Claims:

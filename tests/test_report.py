@@ -11,7 +11,19 @@ import pytest
 import torch
 
 from common import cache
-from common.report import Claims, Notebook, environment, output_tag
+from common.report import Claims, Notebook, environment, output_tag, paired_mean
+
+
+def test_paired_mean_is_the_mean_and_two_standard_errors_of_the_differences():
+    """Against the textbook formulas written out by hand: mean, sample variance with n - 1, SE = sqrt(var / n)."""
+    d = [0.031, -0.012, 0.047, 0.005]
+    n = len(d)
+    mean = sum(d) / n
+    var = sum((v - mean) ** 2 for v in d) / (n - 1)
+    m, two_se = paired_mean(torch.tensor(d, dtype=torch.float64))
+    assert m == pytest.approx(mean, rel=1e-14) and two_se == pytest.approx(2 * math.sqrt(var / n), rel=1e-14)
+    assert paired_mean([0.2]) == (pytest.approx(0.2), 0.0)  # one seed: no spread to judge against
+    assert paired_mean([[0.1, 0.3]]) == paired_mean([0.1, 0.3])  # any shape of n values
 
 
 def test_checks_write_their_threshold_and_fail_non_finite_values():
